@@ -1,0 +1,420 @@
+"""Typed configuration: keyword-only dataclasses per subsystem, YAML as their file form.
+
+Terms:
+- *section*: a dataclass (``TrainConfig``, ``DataConfig`` ...); nested sections are fields whose type
+  is another dataclass.
+- *dotted override*: ``key.sub=value`` as given to ``--set``; the value is parsed as YAML and
+  checked against the field's type.
+
+``from_dict`` rejects unknown keys and wrong types with a ``ConfigError`` naming the dotted key, so a
+bad recipe fails before any Ray resources are requested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the dotted key."""
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert YAML forms (lists -> tuples)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arm in args:
+            if arm is type(None):
+                continue
+            try:
+                return _convert(value, arm, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin in (tuple, list, Sequence):
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+            items = [_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            item_tp = args[0] if args else Any
+            items = [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is not list else list(items)
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        vt = args[1] if args else Any
+        return {str(k): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Build the dataclass ``cls`` from a mapping; unknown keys and bad values raise ``ConfigError``."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]!s} (valid keys of {prefix.rstrip('.') or cls.__name__}: "
+            f"{', '.join(sorted(types_))})"
+        )
+    kwargs = {name: _convert(value, types_[name], f"{prefix}{name}") for name, value in data.items()}
+    try:
+        obj = cls(**kwargs)
+    except TypeError as err:  # a required field is missing
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from None
+    except ValueError as err:  # __post_init__ validation
+        raise ConfigError(f"{prefix}{err}") from None
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain YAML-able form of a config dataclass (tuples become lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """Turn ``["train.zero_stage=3", "model.name=x"]`` into a nested dict; values are parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return nested
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: ``update`` wins, nested mappings merge."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Load ``cls`` from a YAML file (or its defaults when ``path`` is None) plus dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded or {}
+    data = merge(data, parse_overrides(overrides))
+    return from_dict(cls, data)
+
+
+def save(obj: Any, path: str | Path) -> None:
+    """Write a config dataclass as YAML (the resolved config stored with runs and checkpoints)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+def dumps(obj: Any) -> str:
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
+# =====================================================================================================
+# Training runs (``fractalgen train``): the recipe in configs/*.yaml. Terms:
+# - *global* values count over all workers (``global_batch_size``); *per-GPU* / *per-worker* values
+#   count on one Ray worker (``micro_batch_per_gpu``; one worker drives one GPU, or one CPU process).
+# - *step*: one optimizer update = ``global_batch_size`` images = ``grad_accum_steps`` micro-batches
+#   on every worker. *epoch*: ``num_images // global_batch_size`` steps (dataset summary).
+# - *storage path*: a local folder or ``s3://`` prefix; the run's folder is ``<storage_path>/<name>``,
+#   where Ray Train keeps its state and the checkpoints ``checkpoint_<step>``.
+# =====================================================================================================
+
+Precision = Literal["bf16", "fp32"]
+
+
+@dataclass(kw_only=True)
+class RunModelConfig:
+    """The model to train: a registered size (``fractalgen.models.MODEL_CONFIGS``) and training options."""
+
+    name: str = "fractalmar_tiny16"
+    # None: the dataset's class count (its summary); released models use 1000 (ImageNet)
+    num_classes: int | None = None
+    # attention-probability and projection dropout (SPEC, MAR generator: 0.1 in the released training)
+    dropout: float = 0.1
+    # probability of replacing the class embedding by the fake latent (SPEC, Level 0: 0.1)
+    label_drop_prob: float = 0.1
+    # recompute block activations in backward (SPEC recipe: gradient checkpointing; PERF: needed at
+    # micro-batch 64 on 80 GB)
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("name: must name a registered model")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"num_classes: must be >= 1, got {self.num_classes}")
+        for key in ("dropout", "label_drop_prob"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"{key}: must lie in [0, 1), got {getattr(self, key)}")
+
+
+@dataclass(kw_only=True)
+class RunDataConfig:
+    """Where the training images are: a prepared MDS dataset (``fractalgen data prepare``)."""
+
+    train_uri: str = ""  # folder or s3:// prefix holding index.json and summary.json (required)
+    eval_uri: str | None = None  # held-out set for bits/dim at each eval (None: no NLL at eval)
+    s3_endpoint_url: str | None = None  # S3-compatible store; None: S3_ENDPOINT_URL / AWS_ENDPOINT_URL*
+    local_cache: str | None = None  # shard cache per node for s3:// data; None: a fresh temporary folder
+    loader_workers: int = 2  # DataLoader processes per Ray worker (decoding)
+    shuffle: bool = True
+    flip: bool = True  # random horizontal flip (SPEC recipe)
+    # record the source key of every sample trained on, per step and worker, in each checkpoint
+    # (audits "no sample repeated or skipped" across restarts; small cost, off for production)
+    record_samples: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loader_workers < 0:
+            raise ValueError(f"loader_workers: must be >= 0, got {self.loader_workers}")
+
+
+@dataclass(kw_only=True)
+class RunTrainConfig:
+    """Optimisation (SPEC, Released training recipe) and the DeepSpeed engine."""
+
+    global_batch_size: int = 1024  # images per optimizer step over all workers (SPEC: 2048 / 1024)
+    micro_batch_per_gpu: int = 32  # images per forward/backward on one worker
+    epochs: float = 800.0  # SPEC: 800 (Huge: 600)
+    warmup_epochs: float = 40.0  # linear warm-up, then cosine to min_lr, adjusted every step
+    # learning rate per 256 images: lr = base_lr * global_batch_size / 256 (SPEC: 5e-5)
+    base_lr: float = 5e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.05  # not applied to biases and 1-D parameters (SPEC)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 3.0  # global gradient-norm clipping; 0 disables
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False  # ZeRO 1-3: optimizer state and step on the CPU
+    offload_params: bool = False  # ZeRO 3 only: parameters on the CPU between uses
+    precision: Precision = "bf16"
+    seed: int = 0
+    max_steps: int | None = None  # stop after this step (smoke runs, tests); the schedule keeps `epochs`
+    log_every_steps: int = 50  # progress line, MLflow metrics, non-finite check (one host sync each)
+
+    def __post_init__(self) -> None:
+        for key in ("global_batch_size", "micro_batch_per_gpu", "log_every_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.epochs <= 0:
+            raise ValueError(f"epochs: must be > 0, got {self.epochs}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(
+                f"warmup_epochs: must lie in [0, epochs={self.epochs}], got {self.warmup_epochs}"
+            )
+        if self.base_lr <= 0 or self.min_lr < 0:
+            raise ValueError(f"base_lr: must be > 0 (min_lr >= 0), got {self.base_lr} / {self.min_lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay and grad_clip: must be >= 0")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas: must lie in [0, 1), got {self.betas}")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params: needs zero_stage 3, got {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer: needs zero_stage 1, 2 or 3")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps: must be >= 1, got {self.max_steps}")
+        if self.seed < 0:
+            raise ValueError(f"seed: must be >= 0, got {self.seed}")
+
+
+@dataclass(kw_only=True)
+class RunClusterConfig:
+    """Ray resources: one Ray Train worker per GPU (or per CPU process when ``gpus_per_worker`` is 0)."""
+
+    num_workers: int = 2
+    gpus_per_worker: int = 0  # 0: CPU training with gloo; 1: one GPU per worker with NCCL
+    cpus_per_worker: int = 1
+    # Ray address (``auto``, ``ray://host:10001``); None: RAY_ADDRESS (set by ``ray job submit``), else
+    # a local Ray started for this run
+    address: str | None = None
+    # worker failures (a killed process, a lost node) to recover from the latest checkpoint before
+    # the run fails (Ray's own default, 0, would give up at the first one)
+    max_failures: int = 3
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers: must be >= 1, got {self.num_workers}")
+        if self.gpus_per_worker not in (0, 1):
+            raise ValueError(
+                f"gpus_per_worker: must be 0 (CPU) or 1 (one GPU per worker), got {self.gpus_per_worker}"
+            )
+        if self.cpus_per_worker < 1:
+            raise ValueError(f"cpus_per_worker: must be >= 1, got {self.cpus_per_worker}")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures: must be >= 0 (or -1: no limit), got {self.max_failures}")
+
+
+@dataclass(kw_only=True)
+class RunCheckpointConfig:
+    """Where the run's checkpoints go, how often, and which are kept."""
+
+    storage_path: str = "runs"  # local folder or s3://bucket/prefix; the run lives in <storage_path>/<name>
+    s3_endpoint_url: str | None = None  # S3-compatible store; None: S3_ENDPOINT_URL / AWS_ENDPOINT_URL*
+    every_steps: int = 1000  # also at the last step
+    keep_last: int = 3  # the latest N checkpoints are kept ...
+    keep_best: bool = True  # ... and the one with the lowest training loss
+    # start a NEW run from this checkpoint (weights, optimizer, step, loader position) when the run
+    # has none of its own; resuming a run needs no setting: relaunch it with the same name
+    init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.storage_path:
+            raise ValueError("storage_path: must be a folder or s3:// prefix")
+        if self.every_steps < 1:
+            raise ValueError(f"every_steps: must be >= 1, got {self.every_steps}")
+        if self.keep_last < 1:
+            raise ValueError(
+                f"keep_last: must be >= 1 (the latest checkpoint resumes the run), got {self.keep_last}"
+            )
+
+
+@dataclass(kw_only=True)
+class RunMlflowConfig:
+    """MLflow tracking. Rank 0 logs; a server that stops answering mid-run only delays the logging."""
+
+    enabled: bool = True
+    # None: MLFLOW_TRACKING_URI, else a SQLite store <storage_path>/mlflow.db (local storage only)
+    tracking_uri: str | None = None
+    experiment: str = "fractalgen"
+    # seconds to wait for the server at start; an unreachable server then stops the launch (before
+    # any Ray resources) unless ``mlflow.required`` is false, which trains untracked with a warning
+    connect_timeout_s: float = 15.0
+    required: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.experiment:
+            raise ValueError("experiment: must not be empty")
+        if self.connect_timeout_s <= 0:
+            raise ValueError(f"connect_timeout_s: must be > 0, got {self.connect_timeout_s}")
+
+
+@dataclass(kw_only=True)
+class RunEvalConfig:
+    """Periodic evaluation on rank 0: a class-conditional sample grid (PNG to MLflow), bits/dim."""
+
+    every_steps: int = 0  # 0: only at the end of the run
+    num_images: int = 16  # images in the sample grid (classes cycle)
+    sample_iters: tuple[int, ...] | None = None  # None: the model's defaults
+    cfg: float | None = None  # guidance scale; None: the model's default
+    temperature: float | None = None  # multiplies the logits (released meaning); None: model default
+    nll_batches: int = 4  # micro-batches of data.eval_uri for bits/dim (when set)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0 or self.num_images < 1 or self.nll_batches < 1:
+            raise ValueError("every_steps must be >= 0, num_images and nll_batches >= 1")
+
+
+@dataclass(kw_only=True)
+class TrainRunConfig:
+    """One training run: the file form is a YAML recipe in configs/ (``fractalgen train --config``)."""
+
+    name: str = "fractalgen"  # the run's name: Ray run folder <storage_path>/<name>, MLflow run name
+    model: RunModelConfig = dataclasses.field(default_factory=RunModelConfig)
+    data: RunDataConfig = dataclasses.field(default_factory=RunDataConfig)
+    train: RunTrainConfig = dataclasses.field(default_factory=RunTrainConfig)
+    cluster: RunClusterConfig = dataclasses.field(default_factory=RunClusterConfig)
+    checkpoint: RunCheckpointConfig = dataclasses.field(default_factory=RunCheckpointConfig)
+    mlflow: RunMlflowConfig = dataclasses.field(default_factory=RunMlflowConfig)
+    eval: RunEvalConfig = dataclasses.field(default_factory=RunEvalConfig)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"name: must be a plain folder name, got {self.name!r}")
+        t, c = self.train, self.cluster
+        per_step = t.micro_batch_per_gpu * c.num_workers
+        if t.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+                f"train.micro_batch_per_gpu ({t.micro_batch_per_gpu}) x cluster.num_workers ({c.num_workers})"
+            )
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per worker per optimizer step."""
+        return self.train.global_batch_size // (self.train.micro_batch_per_gpu * self.cluster.num_workers)
+
+    @property
+    def lr(self) -> float:
+        """Peak learning rate: ``base_lr`` scaled linearly with the global batch (SPEC recipe)."""
+        return self.train.base_lr * self.train.global_batch_size / 256

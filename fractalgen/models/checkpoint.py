@@ -1,0 +1,141 @@
+"""Released checkpoint format: ``checkpoint-last.pth`` holding ``{"model": state_dict, "args":
+argparse.Namespace, ...}`` (optimizer, epoch and scaler entries may also be present).
+
+Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)`` with ``argparse.Namespace``
+as the only extra allowed global. Weights load strictly (names and shapes must all match).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fractalgen.models.configs import MODEL_CONFIGS, RELEASED_NAMES, FractalConfig, get_config
+from fractalgen.models.fractal import FractalGen
+
+# fields of FractalConfig that may differ from the registered size when rebuilding from ``args``
+_CONFIG_KEY = "fractalgen_config"
+
+
+class CheckpointError(ValueError):
+    """The file is missing, is not a released-format checkpoint, or does not fit the model."""
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checkpoint dict, loaded safely (weights_only with an allow-list of argparse.Namespace)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated or foreign files fail in many ways inside torch.load
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path} is not a released-format checkpoint (torch.load with weights_only=True failed: {first})"
+        ) from None
+    if not isinstance(obj, dict) or "model" not in obj or not isinstance(obj["model"], dict):
+        keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path} has no 'model' state dict entry (found: {keys})")
+    return obj
+
+
+def _args_dict(args: Any) -> dict[str, Any]:
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return dict(args) if isinstance(args, dict) else {}
+
+
+def config_from_checkpoint(ckpt: dict[str, Any], name: str | None = None) -> tuple[str, FractalConfig]:
+    """The model name and configuration a checkpoint was written for.
+
+    Order: the explicit ``name``; else ``args.fractalgen_config`` (written by ``save_released``) or
+    ``args.model``; else the registered size whose state_dict names and shapes match.
+    """
+    args = _args_dict(ckpt.get("args"))
+    stored = args.get(_CONFIG_KEY)
+    if name is None and isinstance(args.get("model"), str) and args["model"] in MODEL_CONFIGS:
+        name = args["model"]
+    if isinstance(stored, dict):
+        fields = {f.name for f in dataclasses.fields(FractalConfig)}
+        overrides = {k: v for k, v in stored.items() if k in fields}
+        base = name or str(args.get("model") or "")
+        if base in MODEL_CONFIGS:
+            return base, get_config(base, **overrides)
+        for key in ("img_sizes", "widths", "blocks", "heads", "generators", "sample_iters", "class_names"):
+            if key in overrides:
+                overrides[key] = tuple(overrides[key])
+        return base or "custom", FractalConfig(**overrides)
+    if name is not None:
+        return name, get_config(name)
+    shapes = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
+    for candidate in (*RELEASED_NAMES, *sorted(set(MODEL_CONFIGS) - set(RELEASED_NAMES))):
+        with torch.device("meta"):
+            ref = FractalGen(get_config(candidate)).state_dict()
+        if {k: tuple(v.shape) for k, v in ref.items()} == shapes:
+            return candidate, get_config(candidate)
+    raise CheckpointError("cannot tell which model this checkpoint is for: pass name=...")
+
+
+def load_released(path: str | os.PathLike[str], name: str | None = None, **overrides: Any) -> FractalGen:
+    """A model holding the weights of a released-format checkpoint, loaded strictly.
+
+    ``name``: the registered size (``fractalmar_in64`` ...); inferred from the file when omitted.
+    ``overrides``: FractalConfig fields that do not change parameter shapes (dropout, checkpointing).
+    """
+    ckpt = read_checkpoint(path)
+    name, config = config_from_checkpoint(ckpt, name)
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    with torch.device("meta"):
+        model = FractalGen(config)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True, assign=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path} does not fit {name}: {str(err).splitlines()[0]} ...\n{err}") from None
+    # non-persistent buffers (RoPE tables, normalisation constants) are not in the file
+    for module in model.modules():
+        if hasattr(module, "init_buffers"):
+            module.init_buffers()
+    model.eval()
+    return model
+
+
+def save_released(
+    model: FractalGen | dict[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    args: dict[str, Any] | argparse.Namespace | None = None,
+    config: FractalConfig | None = None,
+    **extra: Any,
+) -> Path:
+    """Write ``{"model": state_dict, "args": Namespace, **extra}`` atomically (temp file + rename).
+
+    ``args`` gains ``fractalgen_config`` (the architecture) so the file rebuilds without a name.
+    """
+    if isinstance(model, FractalGen):
+        config = config or model.config
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    else:
+        state = {k: v.detach().cpu() for k, v in model.items()}
+    ns = dict(_args_dict(args) if not isinstance(args, argparse.Namespace) else vars(args))
+    if config is not None:
+        ns[_CONFIG_KEY] = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+        }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"model": state, "args": argparse.Namespace(**ns), **extra}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

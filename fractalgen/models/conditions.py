@@ -1,0 +1,64 @@
+"""The contract between levels.
+
+A level hands the next one, for every patch it passes down, a set of condition vectors:
+- MAR levels: five, ``[middle, top, right, bottom, left]`` (SPEC, MAR generator): the transformer
+  output at the patch's own position and the middle outputs of its four neighbours (zeros at the
+  border);
+- AR levels: one, the output that predicts the patch (teacher forcing);
+- with the guiding pixel (levels > 0 of the 256 models), the patch's mean colour (normalised RGB),
+  ground truth in training and the sample in generation.
+
+``Conditions`` keeps them as one tensor ``vectors`` of shape (N, C, D) with C = 5 or 1 (index 0 is
+always the middle condition) plus the optional ``pixel`` (N, 3). Selecting rows keeps the two together.
+
+``SampleSettings`` holds the sampling knobs that travel down the recursion unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Conditions:
+    vectors: Tensor  # (N, C, D): [middle, top, right, bottom, left] or [middle]
+    pixel: Tensor | None = None  # (N, 3) guiding pixel, normalised
+
+    @property
+    def middle(self) -> Tensor:
+        return self.vectors[:, 0]  # (N, D)
+
+    def __len__(self) -> int:
+        return self.vectors.size(0)
+
+    def select(self, index: Tensor) -> Conditions:
+        """Rows ``index`` (a bool mask or integer index over N)."""
+        return Conditions(self.vectors[index], None if self.pixel is None else self.pixel[index])
+
+    def with_pixel(self, pixel: Tensor) -> Conditions:
+        return replace(self, pixel=pixel)
+
+    @staticmethod
+    def cat(parts: list[Conditions]) -> Conditions:
+        pixels = [p.pixel for p in parts]
+        return Conditions(
+            torch.cat([p.vectors for p in parts]),
+            None if any(p is None for p in pixels) else torch.cat(pixels),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """Sampling knobs shared by every level (SPEC, Sampling).
+
+    ``guided``: the batch is doubled, conditional half first and unconditional half second.
+    ``temperature`` multiplies the logits (released meaning: t > 1 sharpens).
+    """
+
+    guided: bool
+    temperature: float = 1.0
+    filter_threshold: float = 1e-4
+    generator: torch.Generator | None = None

@@ -1,0 +1,259 @@
+"""FractalGen: the recursion of levels (paper section 4, SPEC.md).
+
+``FractalGen(config, level)`` holds ``generator`` (a MAR or AR level) and ``next_fractal`` (the next
+``FractalGen``, or the pixel head after the last level), so parameter names match the released
+checkpoints (``generator.*``, ``next_fractal.generator.*``, ..., ``next_fractal...r_codebook``).
+Level 0 also owns the class embedding and ``fake_latent`` (the unconditional / dropped-label latent).
+
+Losses: the training loss is the pixel-head loss plus every guiding-pixel loss (SPEC, Guiding pixel).
+In evaluation mode each term is the mean of the three channel cross-entropies, so
+``nll_bpd = sum(terms) / ln 2``.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from fractalgen.models.ar import ARLevel
+from fractalgen.models.conditions import Conditions, SampleSettings
+from fractalgen.models.configs import IMAGENET_MEAN, IMAGENET_STD, FractalConfig, get_config
+from fractalgen.models.mar import MARLevel
+from fractalgen.models.pixel_head import PixelHead
+
+
+class FractalGen(nn.Module):
+    def __init__(self, config: FractalConfig, level: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        self.level = level
+        c = config
+        if level == 0:
+            self.class_emb = nn.Embedding(c.num_classes, c.widths[0])
+            self.fake_latent = nn.Parameter(torch.zeros(1, c.widths[0]))
+            nn.init.normal_(self.class_emb.weight, std=0.02)
+            nn.init.normal_(self.fake_latent, std=0.02)
+            self.init_buffers()
+
+        common = dict(
+            seq_len=c.seq_len(level),
+            patch_size=c.img_sizes[level + 1],
+            cond_dim=c.widths[level - 1] if level > 0 else c.widths[0],
+            dim=c.widths[level],
+            depth=c.blocks[level],
+            num_heads=c.heads[level],
+            grad_checkpointing=c.grad_checkpointing,
+        )
+        if c.generators[level] == "mar":
+            self.generator: MARLevel | ARLevel = MARLevel(
+                **common,
+                num_conds=c.num_conds,
+                guiding_pixel=c.guiding_pixel and level > 0,
+                attn_dropout=c.attn_dropout,
+                proj_dropout=c.proj_dropout,
+            )
+        else:
+            self.generator = ARLevel(**common, dropout=c.proj_dropout)
+
+        if level < c.num_levels - 1:
+            self.next_fractal: FractalGen | PixelHead = FractalGen(c, level + 1)
+        else:
+            self.next_fractal = PixelHead(
+                c.widths[level],
+                width=c.widths[-1],
+                depth=c.blocks[-1],
+                num_heads=c.heads[-1],
+                r_weight=c.r_weight,
+            )
+
+    def init_buffers(self) -> None:
+        """Normalisation constants (not in checkpoints); rebuilt after loading on the meta device."""
+        if self.level == 0:
+            self.register_buffer("pix_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("pix_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    # ------------------------------------------------------------------ conditioning (level 0)
+    def label_conditions(self, labels: Tensor) -> Conditions:
+        """Class embedding repeated ``num_conds`` times (B, C, D). Training drops the label with
+        probability ``label_drop_prob``; evaluation (NLL) is unconditional: always ``fake_latent``."""
+        B = labels.size(0)
+        if self.training:
+            emb = self.class_emb(labels)  # (B, D)
+            drop = torch.rand(B, device=labels.device) < self.config.label_drop_prob
+            emb = torch.where(drop.unsqueeze(1), self.fake_latent.to(emb.dtype), emb)
+        else:
+            emb = self.fake_latent.expand(B, -1)
+        return Conditions(emb.unsqueeze(1).expand(-1, self.config.num_conds, -1))
+
+    # ------------------------------------------------------------------ training / NLL
+    def _terms(self, imgs: Tensor, conds: Conditions, out: dict[str, Tensor]) -> None:
+        patches, conds_next, gp_loss = self.generator(imgs, conds)
+        if gp_loss is not None:
+            out[f"guiding_pixel_{self.level}"] = gp_loss
+        if isinstance(self.next_fractal, PixelHead):
+            pixels = patches.reshape(patches.size(0), 3)  # (M, 3): patches of side 1
+            out["pixel"] = self.next_fractal(pixels, conds_next)
+        else:
+            self.next_fractal._terms(patches, conds_next, out)
+
+    def loss_terms(self, imgs: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """The loss terms: ``pixel`` and ``guiding_pixel_<level>`` for each guiding-pixel level."""
+        out: dict[str, Tensor] = {}
+        self._terms(imgs, self.label_conditions(labels), out)
+        return out
+
+    def forward(self, imgs: Tensor, labels: Tensor) -> Tensor:
+        """Loss: pixel-head loss + guiding-pixel losses. imgs (B, 3, S, S) normalised, labels (B,)."""
+        return sum(self.loss_terms(imgs, labels).values())  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def nll_bpd(self, imgs: Tensor, num_passes: int = 1) -> Tensor:
+        """Unconditional NLL in bits/dim, the mean over ``num_passes`` forward passes (the released
+        evaluation uses 10 for MAR models and 1 for AR models); runs in evaluation mode."""
+        with evaluation(self):
+            labels = torch.zeros(imgs.size(0), dtype=torch.long, device=imgs.device)
+            total = sum(self(imgs, labels) for _ in range(num_passes))
+        return total / num_passes / math.log(2)  # type: ignore[operator]
+
+    # ------------------------------------------------------------------ generation
+    def _sample_level(
+        self,
+        conds: Conditions,
+        cfg: Tensor,
+        known: Tensor | None,
+        known_mask: Tensor | None,
+        *,
+        num_iters: tuple[int, ...],
+        cfg_schedule: str,
+        settings: SampleSettings,
+    ) -> Tensor:
+        head = self.next_fractal
+        if isinstance(head, PixelHead):
+
+            def next_level(c: Conditions, w: Tensor, k: Tensor | None, m: Tensor | None) -> Tensor:
+                kk = None if k is None else k.reshape(-1, 3)
+                mm = None if m is None else m.reshape(-1)
+                return head.sample(c, w, settings, kk, mm).view(-1, 3, 1, 1)
+        else:
+            # lower levels get the guidance scale of this step as a constant (SPEC, Sampling)
+            next_level = partial(
+                head._sample_level, num_iters=num_iters, cfg_schedule="constant", settings=settings
+            )
+        return self.generator.sample(
+            conds,
+            num_iter=num_iters[self.level],
+            cfg=cfg,
+            cfg_schedule=cfg_schedule,
+            settings=settings,
+            next_level=next_level,
+            known=known,
+            known_mask=known_mask,
+        )
+
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: Tensor,
+        *,
+        num_iters: tuple[int, ...] | None = None,
+        cfg: float | None = None,
+        cfg_schedule: Literal["linear", "constant"] | None = None,
+        temperature: float | None = None,
+        filter_threshold: float = 1e-4,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        known: Tensor | None = None,
+        known_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Class-conditional images (B, 3, S, S) with values k/255 in [0, 1].
+
+        labels (B,) class indices. ``num_iters`` per level (AR levels always take seq_len steps),
+        ``cfg`` the guidance scale (1.0: no guidance), ``cfg_schedule`` ``linear`` or ``constant`` at
+        the top level, ``temperature`` MULTIPLIES the logits (released meaning: > 1 sharpens). Unset
+        values take the configuration's released defaults. ``seed`` (or a ``generator`` on the
+        labels' device) makes the result reproducible.
+
+        Conditional prediction (inpainting, outpainting, uncropping, editing): ``known`` (B, 3, S, S)
+        in [0, 1] and ``known_mask`` (B, S, S) bool, True where a pixel is given; only the other
+        pixels are generated and the given ones come back unchanged.
+        """
+        c = self.config
+        num_iters = tuple(num_iters) if num_iters is not None else c.default_iters()
+        if len(num_iters) != c.num_levels:
+            raise ValueError(f"num_iters needs {c.num_levels} entries, got {num_iters}")
+        if any(i < 1 for i in num_iters):
+            raise ValueError(f"num_iters must be >= 1, got {num_iters}")
+        cfg = float(c.sample_cfg if cfg is None else cfg)
+        if cfg < 1.0:
+            raise ValueError(f"cfg must be >= 1.0, got {cfg}")
+        cfg_schedule = cfg_schedule or c.sample_cfg_schedule
+        if cfg_schedule not in ("linear", "constant"):
+            raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
+        temperature = float(c.sample_temperature if temperature is None else temperature)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if labels.dim() != 1:
+            raise ValueError("labels must be a 1-D tensor of class indices")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= c.num_classes):
+            raise ValueError(f"labels must lie in 0..{c.num_classes - 1}")
+        device = self.fake_latent.device
+        labels = labels.to(device)
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+
+        n = labels.size(0)
+        S = c.img_size
+        known_norm = None
+        if known is not None or known_mask is not None:
+            if known is None or known_mask is None:
+                raise ValueError("inpainting needs both known and known_mask")
+            if known.shape != (n, 3, S, S) or known_mask.shape != (n, S, S):
+                raise ValueError(f"known must be ({n}, 3, {S}, {S}) and known_mask ({n}, {S}, {S})")
+            known = known.to(device=device, dtype=torch.float32)
+            known_mask = known_mask.to(device=device, dtype=torch.bool)
+            known_norm = (known - self.pix_mean) / self.pix_std
+
+        guided = cfg != 1.0
+        emb = self.class_emb(labels)  # (n, D)
+        if guided:
+            emb = torch.cat([emb, self.fake_latent.expand(n, -1).to(emb.dtype)])  # (2n, D)
+        conds = Conditions(emb.unsqueeze(1).expand(-1, c.num_conds, -1))
+        settings = SampleSettings(
+            guided=guided, temperature=temperature, filter_threshold=filter_threshold, generator=generator
+        )
+        with evaluation(self):
+            out = self._sample_level(
+                conds,
+                torch.full((n,), cfg, device=device),
+                known_norm,
+                known_mask,
+                num_iters=num_iters,
+                cfg_schedule=cfg_schedule,
+                settings=settings,
+            )
+        images = ((out.float() * self.pix_std + self.pix_mean) * 255).round().clamp(0, 255) / 255
+        if known is not None and known_mask is not None:
+            images = torch.where(known_mask.unsqueeze(1), known, images)
+        return images
+
+
+@contextmanager
+def evaluation(model: nn.Module):
+    """Evaluation mode for the duration, restoring the previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def build_model(name: str, **overrides: object) -> FractalGen:
+    """A FractalGen of the registered size ``name`` (see ``MODEL_CONFIGS``) with config overrides,
+    e.g. ``build_model("fractalmar_in64", num_classes=10, grad_checkpointing=True)``."""
+    return FractalGen(get_config(name, **overrides))

@@ -1,0 +1,209 @@
+"""MAR level: a bidirectional transformer over the patches of its input, in random order (SPEC, MAR).
+
+Token sequence: ``[guiding pixel (if used), cond_4, ..., cond_0, patch_0 ... patch_{L-1}]``; masked
+patches are replaced by ``mask_token``. Training masks a truncated-normal fraction of each image's
+patches (rate r ~ TN(1, 0.25) on [0, 1]); only masked patches and their conditions go down.
+Generation unmasks patches over ``num_iter`` steps on a cosine schedule (MAR, Li et al. 2024).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from fractalgen.models.conditions import Conditions, SampleSettings
+from fractalgen.models.layers import Block, init_weights
+from fractalgen.models.patches import neighbour_conditions, patchify, patchify_mask, unpatchify
+from fractalgen.models.pixel_head import PixelHead
+
+# (conds, cfg per row, known sub-images (M,3,p,p) | None, known masks (M,p,p) | None) -> (M,3,p,p)
+NextLevel = Callable[[Conditions, Tensor, Tensor | None, Tensor | None], Tensor]
+
+# masking-rate distribution: truncated normal, mean 1.0, std 0.25, bounds -4 and 0 std (SPEC)
+_MASK_MEAN, _MASK_STD, _MASK_LO, _MASK_HI = 1.0, 0.25, -4.0, 0.0
+
+
+def sample_mask_rates(n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+    """Mask rates r ~ TN(1.0, 0.25) truncated to [0, 1], by inverse-CDF sampling (n,)."""
+    lo = torch.special.ndtr(torch.tensor(_MASK_LO, dtype=torch.float64))
+    hi = torch.special.ndtr(torch.tensor(_MASK_HI, dtype=torch.float64))
+    u = torch.rand(n, dtype=torch.float64, device=device, generator=generator)
+    z = torch.special.ndtri(lo.to(device) + u * (hi - lo).to(device))
+    return (_MASK_MEAN + _MASK_STD * z).clamp(0.0, 1.0)
+
+
+def random_ranks(
+    n: int, seq_len: int, device: torch.device, generator: torch.Generator | None = None
+) -> Tensor:
+    """rank[b, pos] = place of ``pos`` in image b's random order (n, L); masking the first k of the
+    order is ``rank < k``."""
+    order = torch.rand(n, seq_len, device=device, generator=generator).argsort(dim=1)
+    return order.argsort(dim=1)
+
+
+class MARLevel(nn.Module):
+    def __init__(
+        self,
+        *,
+        seq_len: int,
+        patch_size: int,
+        cond_dim: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        num_conds: int = 5,
+        guiding_pixel: bool = False,
+        attn_dropout: float = 0.1,
+        proj_dropout: float = 0.1,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.seq_len = seq_len
+        self.patch_size = patch_size
+        self.num_conds = num_conds
+        self.guiding_pixel = guiding_pixel
+        self.grad_checkpointing = grad_checkpointing
+        self.num_prefix = num_conds + int(guiding_pixel)
+
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.patch_emb = nn.Linear(3 * patch_size**2, dim)
+        self.patch_emb_ln = nn.LayerNorm(dim, eps=1e-6)
+        self.cond_emb = nn.Linear(cond_dim, dim)
+        if guiding_pixel:
+            self.pix_proj = nn.Linear(3, dim)
+        self.pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len + self.num_prefix, dim))
+        self.blocks = nn.ModuleList(
+            Block(dim, num_heads, attn_dropout=attn_dropout, proj_dropout=proj_dropout) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.normal_(self.pos_embed_learned, std=0.02)
+        self.apply(init_weights)
+        if guiding_pixel:
+            # released: width 128, 3 blocks, 4 heads, red weight 5, conditioned on the incoming middle
+            self.guiding_pixel_loss = PixelHead(cond_dim, width=128, depth=3, num_heads=4, r_weight=5.0)
+
+    # ------------------------------------------------------------------ transformer
+    def predict(self, patches: Tensor, mask: Tensor, conds: Conditions) -> Tensor:
+        """Five next-level conditions for every position: (B, L, 5, D).
+
+        patches (B, L, 3p^2); mask (B, L) bool, True = masked; conds with B rows.
+        """
+        x = self.patch_emb(patches)  # (B, L, D)
+        x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        # conditions are prepended one by one in the released code, so cond_0 ends nearest the patches
+        prefix = [self.cond_emb(conds.vectors[:, : self.num_conds]).flip(1)]  # (B, C, D): c4..c0
+        if self.guiding_pixel:
+            assert conds.pixel is not None, "guiding-pixel level needs the guiding pixel"
+            prefix.insert(0, self.pix_proj(conds.pixel.to(x.dtype)).unsqueeze(1))  # (B, 1, D)
+        x = torch.cat([*prefix, x], dim=1) + self.pos_embed_learned  # (B, P+L, D)
+        x = self.patch_emb_ln(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        x = self.norm(x)
+        return neighbour_conditions(x[:, self.num_prefix :])  # (B, L, 5, D)
+
+    # ------------------------------------------------------------------ training / NLL
+    def forward(self, imgs: Tensor, conds: Conditions) -> tuple[Tensor, Conditions, Tensor | None]:
+        """imgs (B, 3, S, S) -> (masked patches (M, 3, p, p), their conditions, guiding-pixel loss)."""
+        B = imgs.size(0)
+        p = self.patch_size
+        patches = patchify(imgs, p)  # (B, L, 3p^2)
+        ranks = random_ranks(B, self.seq_len, imgs.device)
+        if self.training:
+            counts = torch.ceil(self.seq_len * sample_mask_rates(B, imgs.device)).clamp_(min=1)  # (B,)
+        else:
+            # NLL evaluation: one count m ~ U{1..L} for the batch (released ``random_masking_uniform``)
+            m = torch.randint(1, self.seq_len + 1, (1,), device=imgs.device)
+            counts = m.expand(B)
+        mask = ranks < counts.unsqueeze(1)  # (B, L)
+
+        gp_loss = None
+        if self.guiding_pixel:
+            pixel = imgs.mean(dim=(-2, -1))  # (B, 3) mean colour of this level's input
+            gp_loss = self.guiding_pixel_loss(pixel, conds)
+            conds = conds.with_pixel(pixel)
+
+        cond_next = self.predict(patches, mask, conds)[mask]  # (M, 5, D)
+        patches = patches[mask].reshape(-1, 3, p, p)  # (M, 3, p, p)
+        return patches, Conditions(cond_next), gp_loss
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def sample(
+        self,
+        conds: Conditions,
+        *,
+        num_iter: int,
+        cfg: Tensor,
+        cfg_schedule: str,
+        settings: SampleSettings,
+        next_level: NextLevel,
+        known: Tensor | None = None,
+        known_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Generate n images (n, 3, S, S), normalised; ``conds`` has 2n rows when guided.
+
+        ``cfg`` (n,) is the guidance scale per image. ``known`` (n, 3, S, S) / ``known_mask`` (n, S, S):
+        fully known patches are fixed from the start, partly known ones are passed down.
+        """
+        guided = settings.guided
+        n = len(conds) // 2 if guided else len(conds)
+        L, p = self.seq_len, self.patch_size
+        device = conds.vectors.device
+        gen = settings.generator
+        dtype = conds.vectors.dtype
+
+        patches = torch.zeros(n, L, 3 * p * p, device=device, dtype=dtype)
+        full = torch.zeros(n, L, dtype=torch.bool, device=device)  # patches given entirely
+        kp = km = None
+        if known is not None and known_mask is not None:
+            kp = patchify(known.to(dtype), p)  # (n, L, 3p^2)
+            km = patchify_mask(known_mask, p)  # (n, L, p^2)
+            full = km.all(dim=-1)
+            patches = torch.where(full.unsqueeze(-1), kp, patches)
+
+        if self.guiding_pixel:
+            pixel = self.guiding_pixel_loss.sample(conds, cfg, settings)  # (n, 3)
+            conds = conds.with_pixel(torch.cat([pixel, pixel]) if guided else pixel)
+
+        # known patches go last in the order so that the masked set is always a prefix of it
+        keys = torch.rand(n, L, device=device, generator=gen).masked_fill(full, 2.0)
+        ranks = keys.argsort(dim=1).argsort(dim=1)
+        mask = ~full  # (n, L): still to generate
+        num_iter = min(L, num_iter)
+        for step in range(num_iter):
+            masked_now = mask.sum(dim=1)  # (n,)
+            if not bool(masked_now.any()):
+                break
+            scheduled = math.floor(L * math.cos(math.pi / 2.0 * (step + 1) / num_iter))
+            # at least one stays masked for the next step, at most all but one of the current ones
+            next_count = torch.clamp(torch.clamp(masked_now - 1, max=scheduled), min=1)
+            if step == num_iter - 1:
+                to_pred, mask_next = mask, torch.zeros_like(mask)
+            else:
+                mask_next = ranks < next_count.unsqueeze(1)
+                to_pred = mask & ~mask_next
+            if cfg_schedule == "linear":
+                cfg_step = 1 + (cfg - 1) * (L - next_count.to(cfg.dtype)) / L  # (n,)
+            else:
+                cfg_step = cfg
+            if bool(to_pred.any()):
+                inp_patches = torch.cat([patches, patches]) if guided else patches
+                inp_mask = torch.cat([mask, mask]) if guided else mask
+                cond_all = self.predict(inp_patches, inp_mask, conds)  # (n or 2n, L, 5, D)
+                sel = torch.cat([to_pred, to_pred]) if guided else to_pred
+                rows = to_pred.nonzero(as_tuple=True)[0]  # image index of each predicted patch
+                sub_known = kp[to_pred].reshape(-1, 3, p, p) if kp is not None else None
+                sub_mask = km[to_pred].reshape(-1, p, p) if km is not None else None
+                new = next_level(Conditions(cond_all[sel]), cfg_step[rows], sub_known, sub_mask)
+                patches[to_pred] = new.reshape(new.size(0), -1).to(dtype)
+            mask = mask_next
+        return unpatchify(patches, p)
