@@ -68,9 +68,6 @@ def config_from_checkpoint(ckpt: dict[str, Any], name: str | None = None) -> tup
         base = name or str(args.get("model") or "")
         if base in MODEL_CONFIGS:
             return base, get_config(base, **overrides)
-        for key in ("img_sizes", "widths", "blocks", "heads", "generators", "sample_iters", "class_names"):
-            if key in overrides:
-                overrides[key] = tuple(overrides[key])
         return base or "custom", FractalConfig(**overrides)
     if name is not None:
         return name, get_config(name)

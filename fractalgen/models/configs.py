@@ -36,6 +36,9 @@ class FractalConfig:
     proj_dropout: float = 0.1
     r_weight: float = 5.0
     grad_checkpointing: bool = False
+    # levels whose blocks recompute activations in backward when grad_checkpointing is on (selective
+    # checkpointing: the lower levels hold most activations, PERF.md); empty = every level
+    checkpoint_levels: tuple[int, ...] = ()
     # released sampling defaults (SPEC, Sampling); used when sample() is called without them
     sample_iters: tuple[int, ...] = ()
     sample_cfg: float = 1.0
@@ -44,6 +47,9 @@ class FractalConfig:
     class_names: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # YAML / JSON give lists: store tuples (hashable, frozen)
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
         n = len(self.img_sizes)
         if n < 2:
             raise ValueError("img_sizes needs at least two entries (image side, ..., 1)")
@@ -77,6 +83,8 @@ class FractalConfig:
                 )
         if self.num_classes < 1:
             raise ValueError("num_classes must be >= 1")
+        if any(not 0 <= lvl < n - 1 for lvl in self.checkpoint_levels):
+            raise ValueError(f"checkpoint_levels must lie in 0..{n - 2}, got {self.checkpoint_levels}")
         if self.sample_iters and len(self.sample_iters) != n - 1:
             raise ValueError(f"sample_iters needs {n - 1} entries")
 
@@ -172,8 +180,5 @@ def get_config(name: str, **overrides: object) -> FractalConfig:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(FractalConfig)}
         if unknown:
             raise TypeError(f"unknown model option(s) {sorted(unknown)}")
-        for key in ("img_sizes", "widths", "blocks", "heads", "generators", "sample_iters", "class_names"):
-            if key in overrides and overrides[key] is not None:
-                overrides[key] = tuple(overrides[key])  # type: ignore[arg-type]
         cfg = dataclasses.replace(cfg, **overrides)
     return cfg

@@ -47,7 +47,8 @@ class FractalGen(nn.Module):
             dim=c.widths[level],
             depth=c.blocks[level],
             num_heads=c.heads[level],
-            grad_checkpointing=c.grad_checkpointing,
+            grad_checkpointing=c.grad_checkpointing
+            and (not c.checkpoint_levels or level in c.checkpoint_levels),
         )
         if c.generators[level] == "mar":
             self.generator: MARLevel | ARLevel = MARLevel(

@@ -12,6 +12,8 @@ All attention goes through ``torch.nn.functional.scaled_dot_product_attention``;
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,77 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+class KVCache:
+    """Keys and values of the positions seen so far, for one AR block during sampling."""
+
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, like: Tensor) -> None:
+        self.k = like.new_zeros(batch, heads, max_len, head_dim)
+        self.v = like.new_zeros(batch, heads, max_len, head_dim)
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        n = k.size(2)
+        self.k[:, :, self.length : self.length + n] = k
+        self.v[:, :, self.length : self.length + n] = v
+        self.length += n
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+
+# CUDA's flash / memory-efficient SDPA kernels fail once batch x heads passes the grid limit (PERF.md),
+# which the lower levels reach at training batch sizes (~170,000 pixel-head sequences per 64 images).
+_SDPA_MAX_BATCH_HEADS = 65535
+_DEFAULT_IMPL = ["auto"]
+
+
+@contextmanager
+def attention_impl(impl: str) -> Iterator[None]:
+    """Use ``impl`` ("auto", "sdpa" or "math") for every ``attend`` call that does not name one."""
+    if impl not in ("auto", "sdpa", "math"):
+        raise ValueError(f"attention impl must be auto, sdpa or math, got {impl!r}")
+    before = _DEFAULT_IMPL[0]
+    _DEFAULT_IMPL[0] = impl
+    try:
+        yield
+    finally:
+        _DEFAULT_IMPL[0] = before
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, dropout_p: float = 0.0,
+           impl: str | None = None) -> Tensor:  # fmt: skip
+    """Scaled dot-product attention of (B, H, N, hd) tensors.
+
+    ``impl``: ``"sdpa"`` (``F.scaled_dot_product_attention``), ``"math"`` (explicit batched matmuls in
+    the input dtype: the path for many short sequences, e.g. the pixel head's 4 tokens) or ``"auto"``
+    (the default, changed with ``attention_impl``):
+    SDPA unless the tensors are on a GPU with batch x heads above the kernels' grid limit, where
+    sequences of up to 64 tokens take the math path and longer ones run SDPA in chunks.
+    """
+    B, H, N, hd = q.shape
+    impl = impl or _DEFAULT_IMPL[0]
+    if impl == "auto":
+        impl = "sdpa"
+        if q.is_cuda and B * H > _SDPA_MAX_BATCH_HEADS:
+            if N <= 64:
+                impl = "math"
+            else:
+                step = max(1, _SDPA_MAX_BATCH_HEADS // H)
+                return torch.cat(
+                    [attend(q[i : i + step], k[i : i + step], v[i : i + step], causal=causal,
+                            dropout_p=dropout_p, impl="sdpa") for i in range(0, B, step)]
+                )  # fmt: skip
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+    scores = (q * hd**-0.5) @ k.transpose(-1, -2)  # (B, H, N, N)
+    if causal:
+        scores = scores.masked_fill(
+            torch.ones(N, N, dtype=torch.bool, device=q.device).triu(1), float("-inf")
+        )
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
+    if dropout_p > 0:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs @ v
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv Linear (bias) and an output projection."""
 
@@ -46,14 +119,18 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, hd)
-        x = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=self.causal
-        )  # (B, H, N, hd)
-        x = x.transpose(1, 2).reshape(B, N, C)
+        if cache is not None:
+            # incremental decoding of a causal sequence: the new tokens come last, so they see all
+            assert N == 1 or not self.causal, "cached causal attention takes one new token at a time"
+            k, v = cache.append(k, v)
+            x = attend(q, k, v)
+        else:
+            x = attend(q, k, v, causal=self.causal, dropout_p=self.attn_dropout if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         return self.proj_drop(self.proj(x))
 
 
@@ -93,8 +170,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout=proj_dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), cache)
         return x + self.mlp(self.norm2(x))
 
 
@@ -144,22 +221,6 @@ def apply_rope(x: Tensor, table: Tensor) -> Tensor:
     return out.flatten(3).type_as(x)
 
 
-class KVCache:
-    """Keys and values of the positions seen so far, for one AR block during sampling."""
-
-    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, like: Tensor) -> None:
-        self.k = like.new_zeros(batch, heads, max_len, head_dim)
-        self.v = like.new_zeros(batch, heads, max_len, head_dim)
-        self.length = 0
-
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        n = k.size(2)
-        self.k[:, :, self.length : self.length + n] = k
-        self.v[:, :, self.length : self.length + n] = v
-        self.length += n
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]
-
-
 class ARAttention(nn.Module):
     """Causal attention with fused wqkv (no bias), 2-D RoPE, output wo (no bias), residual dropout."""
 
@@ -181,10 +242,13 @@ class ARAttention(nn.Module):
             # new positions attend to every cached one and causally among themselves
             past = cache.length
             k, v = cache.append(k, v)
-            mask = torch.ones(N, past + N, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if N == 1:  # the usual sampling step: the new token sees everything cached
+                out = attend(q, k, v)
+            else:
+                mask = torch.ones(N, past + N, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, N, hd)
+            out = attend(q, k, v, causal=True)  # (B, H, N, hd)
         out = out.transpose(1, 2).reshape(B, N, C)
         return self.resid_dropout(self.wo(out))
 

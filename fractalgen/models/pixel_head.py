@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from fractalgen.models.conditions import Conditions, SampleSettings
 from fractalgen.models.configs import IMAGENET_MEAN, IMAGENET_STD
-from fractalgen.models.layers import Block, init_weights
+from fractalgen.models.layers import Block, KVCache, init_weights
 
 
 class MlmLayer(nn.Module):
@@ -114,6 +114,28 @@ class PixelHead(nn.Module):
         ]
         return torch.stack(logits, dim=1)  # (N, 3, 256)
 
+    def channel_logits(self, cond: Tensor, ids: Tensor, c: int, caches: list[KVCache] | None) -> Tensor:
+        """Logits (N, 256) of channel ``c`` given the ids of channels < c, for sampling.
+
+        With ``caches`` (from ``new_caches``, used for c = 0, 1, 2 in turn) only token c (the
+        condition, then the value of channel c - 1) runs through the blocks; without, the whole
+        sequence is recomputed.
+        """
+        if caches is None:
+            return self.predict(ids, cond)[:, c]
+        books = (self.r_codebook, self.g_codebook, self.b_codebook)
+        tok = self.cond_proj(cond) if c == 0 else books[c - 1](ids[:, c - 1])
+        x = self.ln(tok).unsqueeze(1)  # (N, 1, W); LayerNorm acts per token
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, cache)
+        h = self.norm(x[:, 0]).float()
+        return (self.r_mlm, self.g_mlm, self.b_mlm)[c](h, books[c].weight.float())
+
+    def new_caches(self, cond: Tensor) -> list[KVCache]:
+        heads = self.blocks[0].attn.num_heads
+        hd = self.cond_proj.out_features // heads
+        return [KVCache(cond.size(0), heads, 4, hd, cond.new_empty(0)) for _ in self.blocks]
+
     def loss_terms(self, pixels: Tensor, conds: Conditions) -> Tensor:
         """Per-pixel cross-entropies (N, 3) for R, G, B."""
         ids = self.pixels_to_ids(pixels, noise=True)
@@ -138,6 +160,7 @@ class PixelHead(nn.Module):
         settings: SampleSettings,
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
+        use_cache: bool = True,
     ) -> Tensor:
         """Sample normalised pixels (n, 3); ``conds`` has 2n rows when guided (conditional half first).
 
@@ -147,8 +170,9 @@ class PixelHead(nn.Module):
         n = len(conds) // 2 if guided else len(conds)
         cond = conds.middle
         ids = torch.zeros(n, 3, dtype=torch.long, device=cond.device)
+        caches = self.new_caches(cond) if use_cache else None
         for c in range(3):
-            logits = self.predict(torch.cat([ids, ids]) if guided else ids, cond)[:, c]  # (n or 2n, 256)
+            logits = self.channel_logits(cond, torch.cat([ids, ids]) if guided else ids, c, caches)
             logits = logits * settings.temperature  # released meaning: t multiplies the logits
             if guided:
                 logits = guided_logits(logits[:n], logits[n:], cfg, settings.filter_threshold)

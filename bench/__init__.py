@@ -1,0 +1,1 @@
+"""Benchmarks: run as ``python -m bench.train`` / ``python -m bench.sample`` from the repository root."""

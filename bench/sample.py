@@ -1,0 +1,80 @@
+"""Sampling speed: seconds per image for the released sampling settings at several batch sizes.
+
+Each configuration samples with its released defaults (iterations per level, guidance scale,
+temperature, linear schedule; SPEC, Sampling) unless overridden, random weights (speed does not
+depend on them), bf16 autocast on GPUs.
+
+    python -m bench.sample --configs fractalmar_in64 --batches 32,128
+    python -m bench.sample --configs fractalmar_base_in256 --batches 32 --num-iters 64,16,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+
+from bench.common import Result, device_name, peak_gib, print_results, sync
+from fractalgen.models import build_model
+from fractalgen.models.layers import attention_impl
+
+
+def measure(args: argparse.Namespace, name: str, batch: int) -> Result:
+    device = torch.device(args.device)
+    model = build_model(name).to(device).eval()
+    c = model.config
+    iters = tuple(int(x) for x in args.num_iters.split(",")) if args.num_iters else c.default_iters()
+    cfg = c.sample_cfg if args.cfg is None else args.cfg
+    res = Result("sample", name, f"iters={','.join(map(str, iters))} cfg={cfg} {args.precision}", batch,
+                 device=device_name(device))  # fmt: skip
+    labels = torch.arange(batch, device=device) % c.num_classes
+    amp = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if args.precision == "bf16"
+        else contextlib.nullcontext()
+    )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with attention_impl(args.attention), amp:
+            for _ in range(args.warmup):
+                model.sample(labels[: min(batch, 4)], num_iters=iters, cfg=cfg, seed=0)
+            sync(device)
+            t0 = time.perf_counter()
+            for r in range(args.repeats):
+                model.sample(labels, num_iters=iters, cfg=cfg, seed=r)
+            sync(device)
+    except torch.OutOfMemoryError:
+        res.status = "out of memory"
+        return res
+    elapsed = (time.perf_counter() - t0) / args.repeats
+    res.s_per_step = elapsed
+    res.s_per_img = elapsed / batch
+    res.img_per_s = batch / elapsed
+    res.peak_gib = peak_gib(device)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="fractalmar_in64", help="comma-separated model sizes")
+    p.add_argument("--batches", default="32,128", help="comma-separated batch sizes")
+    p.add_argument("--num-iters", default="", help="iterations per level (default: the released ones)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the released one)")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--attention", default="auto", choices=("auto", "sdpa", "math"))
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    results = [
+        measure(args, name, int(b)) for name in args.configs.split(",") for b in args.batches.split(",")
+    ]
+    print_results(results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""The GPU benchmarks run end to end on a CPU with tiny models (they must not rot between GPU runs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def _json_rows(out: str) -> list[dict]:
+    return [json.loads(line[5:]) for line in out.splitlines() if line.startswith("JSON ")]
+
+
+def test_train_and_sample_benchmarks_print_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import sample, train
+
+    assert train.main(["--configs", "fractalmar_tiny16", "--micro-batch", "2", "--steps", "1", "--warmup", "0",
+                       "--precision", "fp32", "--ckpt", "--device", "cpu"]) == 0  # fmt: skip
+    rows = _json_rows(capsys.readouterr().out)
+    assert rows[0]["config"] == "fractalmar_tiny16" and rows[0]["status"] == "ok" and rows[0]["img_per_s"] > 0
+    assert sample.main(["--configs", "fractalmar_tiny16", "--batches", "2", "--num-iters", "2,2",
+                        "--precision", "fp32", "--warmup", "0", "--device", "cpu"]) == 0  # fmt: skip
+    rows = _json_rows(capsys.readouterr().out)
+    assert rows[0]["bench"] == "sample" and rows[0]["s_per_img"] > 0
+
+
+def test_scaling_model_matches_hand_count() -> None:
+    from bench.scaling import efficiency, step_bytes_per_gpu
+
+    P = 437_000_064
+    # ZeRO-2, fp32 gradients, 64 GPUs: one all-reduce of 4-byte gradients
+    assert step_bytes_per_gpu(P, 64, 2, 4) == pytest.approx(2 * 63 / 64 * P * 4)
+    assert step_bytes_per_gpu(P, 8, 3, 2) == pytest.approx(2 * 7 / 8 * P * 2 + 2 * 7 / 8 * P * 2)
+    r = efficiency(params=P, gpus=64, zero=2, grad_bytes=4, global_batch=1024, micro_batch=32,
+                   s_per_microbatch=0.356, overlap=0.5)  # fmt: skip
+    comm = 2 * 63 / 64 * P * 4 / 50e9  # EFA: 400 GB/s per node of 8 GPUs
+    compute = 0.356 / 2  # 16 images per GPU at 0.356 s per 32
+    assert r["efficiency"] == pytest.approx(compute / (compute + comm / 2))
