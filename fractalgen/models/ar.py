@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fractalgen.models.conditions import Conditions, SampleSettings
 from fractalgen.models.layers import ARBlock, KVCache, init_weights, rope_2d_table
-from fractalgen.models.mar import NextLevel
+from fractalgen.models.mar import NextLevel, StepHook
 from fractalgen.models.patches import patchify, patchify_mask, unpatchify
 
 
@@ -89,6 +89,7 @@ class ARLevel(nn.Module):
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
         use_cache: bool = True,
+        on_step: StepHook | None = None,
     ) -> Tensor:
         """Generate n images (n, 3, S, S), normalised, one patch per step in raster order.
 
@@ -147,4 +148,8 @@ class ARLevel(nn.Module):
                 out = next_level(Conditions(h[sel].unsqueeze(1)), cfg_step[todo], sub_known, sub_mask)
                 new[todo] = out.reshape(out.size(0), -1).to(dtype)
             patches[:, step] = new
+            if on_step is not None:
+                done = torch.zeros(n, L, dtype=torch.bool, device=device)
+                done[:, : step + 1] = True
+                on_step(unpatchify(patches, p), done)
         return unpatchify(patches, p)

@@ -13,6 +13,7 @@ In evaluation mode each term is the mean of the three channel cross-entropies, s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
 from functools import partial
 from typing import Literal
@@ -132,6 +133,7 @@ class FractalGen(nn.Module):
         num_iters: tuple[int, ...],
         cfg_schedule: str,
         settings: SampleSettings,
+        on_step: Callable[[Tensor, Tensor], None] | None = None,
     ) -> Tensor:
         head = self.next_fractal
         if isinstance(head, PixelHead):
@@ -154,6 +156,7 @@ class FractalGen(nn.Module):
             next_level=next_level,
             known=known,
             known_mask=known_mask,
+            on_step=on_step,
         )
 
     @torch.no_grad()
@@ -170,6 +173,7 @@ class FractalGen(nn.Module):
         seed: int | None = None,
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
+        on_step: Callable[[Tensor, Tensor], None] | None = None,
     ) -> Tensor:
         """Class-conditional images (B, 3, S, S) with values k/255 in [0, 1].
 
@@ -182,6 +186,10 @@ class FractalGen(nn.Module):
         Conditional prediction (inpainting, outpainting, uncropping, editing): ``known`` (B, 3, S, S)
         in [0, 1] and ``known_mask`` (B, S, S) bool, True where a pixel is given; only the other
         pixels are generated and the given ones come back unchanged.
+
+        ``on_step(images, done)``: called after every top-level step with the canvas so far
+        (B, 3, S, S) in [0, 1] and a (B, S, S) bool mask of the pixels generated or given so far
+        (for animations of the generation process, paper Figure 3).
         """
         c = self.config
         num_iters = tuple(num_iters) if num_iters is not None else c.default_iters()
@@ -227,6 +235,24 @@ class FractalGen(nn.Module):
         settings = SampleSettings(
             guided=guided, temperature=temperature, filter_threshold=filter_threshold, generator=generator
         )
+
+        def to_images(out: Tensor) -> Tensor:
+            images = ((out.float() * self.pix_std + self.pix_mean) * 255).round().clamp(0, 255) / 255
+            if known is not None and known_mask is not None:
+                images = torch.where(known_mask.unsqueeze(1), known, images)
+            return images
+
+        hook = None
+        if on_step is not None:
+            p = c.img_sizes[1]
+
+            def hook(canvas: Tensor, done_patches: Tensor) -> None:
+                g = S // p
+                done = done_patches.view(n, g, 1, g, 1).expand(n, g, p, g, p).reshape(n, S, S)
+                if known_mask is not None:
+                    done = done | known_mask
+                on_step(to_images(canvas), done)
+
         with evaluation(self):
             out = self._sample_level(
                 conds,
@@ -236,11 +262,9 @@ class FractalGen(nn.Module):
                 num_iters=num_iters,
                 cfg_schedule=cfg_schedule,
                 settings=settings,
+                on_step=hook,
             )
-        images = ((out.float() * self.pix_std + self.pix_mean) * 255).round().clamp(0, 255) / 255
-        if known is not None and known_mask is not None:
-            images = torch.where(known_mask.unsqueeze(1), known, images)
-        return images
+        return to_images(out)
 
 
 @contextmanager

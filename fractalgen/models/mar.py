@@ -23,6 +23,9 @@ from fractalgen.models.pixel_head import PixelHead
 # (conds, cfg per row, known sub-images (M,3,p,p) | None, known masks (M,p,p) | None) -> (M,3,p,p)
 NextLevel = Callable[[Conditions, Tensor, Tensor | None, Tensor | None], Tensor]
 
+# called after each generation step with the canvas so far (n, 3, S, S) and the done patches (n, L)
+StepHook = Callable[[Tensor, Tensor], None]
+
 # masking-rate distribution: truncated normal, mean 1.0, std 0.25, bounds -4 and 0 std (SPEC)
 _MASK_MEAN, _MASK_STD, _MASK_LO, _MASK_HI = 1.0, 0.25, -4.0, 0.0
 
@@ -148,10 +151,12 @@ class MARLevel(nn.Module):
         next_level: NextLevel,
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
+        on_step: StepHook | None = None,
     ) -> Tensor:
         """Generate n images (n, 3, S, S), normalised; ``conds`` has 2n rows when guided.
 
-        ``cfg`` (n,) is the guidance scale per image. ``known`` (n, 3, S, S) / ``known_mask`` (n, S, S):
+        ``cfg`` (n,) is the guidance scale per image. ``on_step`` sees the canvas after each step.
+        ``known`` (n, 3, S, S) / ``known_mask`` (n, S, S):
         fully known patches are fixed from the start, partly known ones are passed down.
         """
         guided = settings.guided
@@ -206,4 +211,6 @@ class MARLevel(nn.Module):
                 new = next_level(Conditions(cond_all[sel]), cfg_step[rows], sub_known, sub_mask)
                 patches[to_pred] = new.reshape(new.size(0), -1).to(dtype)
             mask = mask_next
+            if on_step is not None:
+                on_step(unpatchify(patches, p), ~mask)
         return unpatchify(patches, p)

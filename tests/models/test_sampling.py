@@ -164,3 +164,20 @@ def test_fully_known_image_is_returned_as_is() -> None:
         torch.tensor([0]), seed=0, known=known, known_mask=torch.ones(1, 32, 32, dtype=torch.bool)
     )
     assert torch.equal(out, known)
+
+
+@pytest.mark.parametrize("name, iters", [("fractalmar_tiny32", (3, 2, 2)), ("fractalar_tiny16", (2, 2))])
+def test_on_step_shows_the_generation_process(name: str, iters: tuple[int, ...]) -> None:
+    model = build_model(name)
+    frames: list[tuple[torch.Tensor, torch.Tensor]] = []
+    out = model.sample(torch.tensor([0, 1]), seed=0, num_iters=iters,
+                       on_step=lambda im, done: frames.append((im.clone(), done.clone())))  # fmt: skip
+    steps = iters[0] if model.config.generators[0] == "mar" else model.config.seq_len(0)
+    assert len(frames) == steps
+    fractions = [done.float().mean().item() for _, done in frames]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and fractions[0] < 1.0
+    assert torch.equal(frames[-1][0], out)
+    # pixels marked done keep their value in every later frame
+    for (a, da), (b, _) in zip(frames, frames[1:]):
+        m = da.unsqueeze(1).expand_as(a)
+        assert torch.equal(a[m], b[m])
