@@ -6,7 +6,13 @@ Public entry points:
 - ``save_released(model, path)``: write weights in the released checkpoint format.
 """
 
-from fractalgen.models.checkpoint import CheckpointError, load_released, save_released
+from fractalgen.models.checkpoint import (
+    CheckpointError,
+    InitReport,
+    init_from_checkpoint,
+    load_released,
+    save_released,
+)
 from fractalgen.models.configs import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -15,7 +21,7 @@ from fractalgen.models.configs import (
     FractalConfig,
     get_config,
 )
-from fractalgen.models.fractal import FractalGen, build_model
+from fractalgen.models.fractal import FractalGen, build_model, parameter_level
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -25,8 +31,11 @@ __all__ = [
     "CheckpointError",
     "FractalConfig",
     "FractalGen",
+    "InitReport",
     "build_model",
     "get_config",
+    "init_from_checkpoint",
     "load_released",
+    "parameter_level",
     "save_released",
 ]

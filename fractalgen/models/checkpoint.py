@@ -136,3 +136,57 @@ def save_released(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+@dataclasses.dataclass
+class InitReport:
+    """What ``init_from_checkpoint`` did, tensor by tensor (recorded with fine-tuning runs)."""
+
+    source: str
+    loaded: list[str]  # copied unchanged from the source
+    reinitialised: list[str]  # kept at their fresh initialisation (shape differs or not in the source)
+    mapped: list[str]  # class-embedding rows copied through a class table
+    unused: list[str]  # source tensors the model has no place for
+
+    def summary(self) -> str:
+        return (
+            f"initialised from {self.source}: {len(self.loaded)} tensors loaded, "
+            f"{len(self.reinitialised)} re-initialised ({', '.join(self.reinitialised) or 'none'}), "
+            f"{len(self.mapped)} mapped by class table, {len(self.unused)} unused"
+        )
+
+
+def init_from_checkpoint(
+    model: FractalGen,
+    path: str | os.PathLike[str],
+    *,
+    class_map: dict[int, int] | None = None,
+) -> InitReport:
+    """Load every tensor of a released-format checkpoint whose name and shape fit ``model``.
+
+    For fine-tuning on another dataset: tensors whose shape differs (the class embedding when the
+    class count differs) keep their fresh initialisation, unless ``class_map`` (new class index ->
+    source class index) says which source rows to copy into the new class embedding.
+    """
+    ckpt = read_checkpoint(path)
+    source = ckpt["model"]
+    own = model.state_dict()
+    loaded, reinit, mapped = [], [], []
+    with torch.no_grad():
+        for name, tensor in own.items():
+            src = source.get(name)
+            if name == "class_emb.weight" and class_map:
+                for new, old in class_map.items():
+                    if not 0 <= new < tensor.size(0) or src is None or not 0 <= old < src.size(0):
+                        raise CheckpointError(f"class map entry {new} -> {old} is out of range")
+                    tensor[new].copy_(src[old].to(tensor.dtype))
+                mapped.append(name)
+                if len(class_map) < tensor.size(0):
+                    reinit.append(f"{name}[{tensor.size(0) - len(class_map)} unmapped rows]")
+            elif src is not None and tuple(src.shape) == tuple(tensor.shape):
+                tensor.copy_(src.to(tensor.dtype))
+                loaded.append(name)
+            else:
+                reinit.append(name)
+    unused = sorted(set(source) - set(own))
+    return InitReport(str(path), loaded, reinit, mapped, unused)

@@ -192,6 +192,13 @@ class FractalGen(nn.Module):
         (for animations of the generation process, paper Figure 3).
         """
         c = self.config
+        if c.num_classes == 1 and cfg not in (None, 1.0):
+            raise ValueError(
+                f"this model is unconditional (1 class): classifier-free guidance needs a class to guide "
+                f"towards, so cfg must be 1.0, got {cfg}"
+            )
+        if c.num_classes == 1:
+            cfg = 1.0
         num_iters = tuple(num_iters) if num_iters is not None else c.default_iters()
         if len(num_iters) != c.num_levels:
             raise ValueError(f"num_iters needs {c.num_levels} entries, got {num_iters}")
@@ -265,6 +272,13 @@ class FractalGen(nn.Module):
                 on_step=hook,
             )
         return to_images(out)
+
+
+def parameter_level(name: str) -> int:
+    """The level a parameter belongs to: 0 for ``class_emb``, ``fake_latent`` and ``generator.*``,
+    i for i ``next_fractal.`` prefixes; the pixel head (and each level's guiding-pixel head) counts as
+    its own level index (for per-level learning rates and freezing)."""
+    return name.count("next_fractal.")
 
 
 @contextmanager
