@@ -180,5 +180,9 @@ def get_config(name: str, **overrides: object) -> FractalConfig:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(FractalConfig)}
         if unknown:
             raise TypeError(f"unknown model option(s) {sorted(unknown)}")
+        if "sample_iters" not in overrides and len(tuple(overrides.get("img_sizes", cfg.img_sizes))) != len(
+            cfg.img_sizes
+        ):
+            overrides["sample_iters"] = ()  # the size's iterations do not fit another level count
         cfg = dataclasses.replace(cfg, **overrides)
     return cfg

@@ -99,17 +99,21 @@ def format_table(name: str, config: FractalConfig) -> str:
     for r in rows:
         lines.append(
             f"{r.name:<6}{r.kind:<7}{r.seq_len:>10}{r.sequences:>10}{r.layers:>9}{r.width:>8}"
-            f"{_fmt_params(r.params):>12}{_fmt_params(r.block_params):>11}{r.gflops:>10.1f}"
+            f"{_fmt_params(r.params):>12}{_fmt_params(r.block_params):>11}{_fmt_gflops(r.gflops):>10}"
         )
     total_blocks = sum(r.block_params for r in rows)
     lines.append(
-        f"{'total':<50}{_fmt_params(total_params):>12}{_fmt_params(total_blocks):>11}{total_flops:>10.1f}"
+        f"{'total':<50}{_fmt_params(total_params):>12}{_fmt_params(total_blocks):>11}{_fmt_gflops(total_flops):>10}"
     )
     lines.append(
         "#params: all parameters of the level; (blocks): transformer blocks only, as the paper's Table 1 "
         "counts them.\nGFLOPs: forward pass during training at batch size 1 (Table 1); training is ~3x."
     )
     return "\n".join(lines)
+
+
+def _fmt_gflops(g: float) -> str:
+    return f"{g:.1f}" if g >= 1 else f"{g:.3g}"
 
 
 def _fmt_params(n: int) -> str:
@@ -119,12 +123,14 @@ def _fmt_params(n: int) -> str:
 def _run_inspect(args: argparse.Namespace) -> int:
     from fractalgen.platform.cli import CLIError
 
+    from fractalgen.config import ConfigError, parse_overrides
+
     try:
-        overrides = {}
+        overrides = parse_overrides(args.set)
         if args.num_classes is not None:
             overrides["num_classes"] = args.num_classes
         config = get_config(args.name, **overrides)
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, ConfigError) as err:
         raise CLIError(str(err).strip("'\"")) from None
     print(format_table(args.name, config))
     return 0
@@ -140,4 +146,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "name", choices=sorted(MODEL_CONFIGS), metavar="NAME", help="model size, e.g. fractalmar_large_in256"
     )
     p.add_argument("--num-classes", type=int, default=None, help="class count (default: the size's own)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set img_sizes=[32,8,2,1] --set widths=[256,128,64,32] "
+        "(any sizes that divide evenly); repeatable",
+    )
     p.set_defaults(func=_run_inspect)
