@@ -30,6 +30,8 @@ class FractalConfig:
     generators: tuple[GeneratorType, ...]
     num_classes: int = 1000
     guiding_pixel: bool = False  # levels > 0 predict and condition on the patch's mean colour
+    # the guiding-pixel head: a small pixel head (released: width 128, 3 blocks, 4 heads)
+    guiding_pixel_head: tuple[int, int, int] = (128, 3, 4)
     num_conds: int = 5  # MAR: middle, top, right, bottom, left; AR levels use the middle only
     label_drop_prob: float = 0.1
     attn_dropout: float = 0.1
@@ -151,12 +153,12 @@ MODEL_CONFIGS: dict[str, FractalConfig] = {
     ),
     "fractalmar_tiny32": _released(
         img_sizes=(32, 8, 2, 1), widths=(64, 32, 16, 16), blocks=(2, 1, 1, 1), heads=(4, 2, 2, 2),
-        generators=("mar", "mar", "mar"), guiding_pixel=True, num_classes=10,
+        generators=("mar", "mar", "mar"), guiding_pixel=True, guiding_pixel_head=(16, 1, 2), num_classes=10,
         sample_iters=(4, 4, 2), sample_cfg=2.0,
     ),
     "fractalmar_demo32": _released(
         img_sizes=(32, 8, 2, 1), widths=(128, 64, 32, 32), blocks=(3, 2, 1, 1), heads=(4, 4, 2, 2),
-        generators=("mar", "mar", "mar"), guiding_pixel=True, num_classes=16,
+        generators=("mar", "mar", "mar"), guiding_pixel=True, guiding_pixel_head=(32, 1, 2), num_classes=16,
         attn_dropout=0.0, proj_dropout=0.0, sample_iters=(8, 4, 4), sample_cfg=2.0,
     ),
 }  # fmt: skip

@@ -56,6 +56,7 @@ class FractalGen(nn.Module):
                 **common,
                 num_conds=c.num_conds,
                 guiding_pixel=c.guiding_pixel and level > 0,
+                guiding_pixel_head=c.guiding_pixel_head,
                 attn_dropout=c.attn_dropout,
                 proj_dropout=c.proj_dropout,
             )

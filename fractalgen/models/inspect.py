@@ -121,9 +121,8 @@ def _fmt_params(n: int) -> str:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from fractalgen.platform.cli import CLIError
-
     from fractalgen.config import ConfigError, parse_overrides
+    from fractalgen.platform.cli import CLIError
 
     try:
         overrides = parse_overrides(args.set)

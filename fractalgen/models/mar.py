@@ -60,6 +60,7 @@ class MARLevel(nn.Module):
         num_heads: int,
         num_conds: int = 5,
         guiding_pixel: bool = False,
+        guiding_pixel_head: tuple[int, int, int] = (128, 3, 4),
         attn_dropout: float = 0.1,
         proj_dropout: float = 0.1,
         grad_checkpointing: bool = False,
@@ -88,7 +89,10 @@ class MARLevel(nn.Module):
         self.apply(init_weights)
         if guiding_pixel:
             # released: width 128, 3 blocks, 4 heads, red weight 5, conditioned on the incoming middle
-            self.guiding_pixel_loss = PixelHead(cond_dim, width=128, depth=3, num_heads=4, r_weight=5.0)
+            width, depth, heads = guiding_pixel_head
+            self.guiding_pixel_loss = PixelHead(
+                cond_dim, width=width, depth=depth, num_heads=heads, r_weight=5.0
+            )
 
     # ------------------------------------------------------------------ transformer
     def predict(self, patches: Tensor, mask: Tensor, conds: Conditions) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -178,6 +179,6 @@ def test_on_step_shows_the_generation_process(name: str, iters: tuple[int, ...])
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and fractions[0] < 1.0
     assert torch.equal(frames[-1][0], out)
     # pixels marked done keep their value in every later frame
-    for (a, da), (b, _) in zip(frames, frames[1:]):
+    for (a, da), (b, _) in itertools.pairwise(frames):
         m = da.unsqueeze(1).expand_as(a)
         assert torch.equal(a[m], b[m])
