@@ -13,7 +13,18 @@ import importlib
 import logging
 import sys
 
-COMMAND_MODULES: tuple[str, ...] = ("fractalgen.models.inspect", "fractalgen.pipelines.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "fractalgen.models.inspect",
+    "fractalgen.pipelines.cli",
+    "fractalgen.platform.train",
+    "fractalgen.platform.checkpointing",
+    "fractalgen.platform.demo",
+    "fractalgen.platform.sampling_cli",
+    "fractalgen.platform.evaluation.cli",
+    "fractalgen.platform.registry",
+    "fractalgen.platform.sweep",
+    "fractalgen.platform.cluster",
+)
 
 
 class CLIError(Exception):

@@ -1,0 +1,825 @@
+"""``fractalgen cluster plan``: what a training recipe needs from a GPU cluster, before renting one.
+
+For a recipe (``configs/*.yaml``, the same ``TrainRunConfig`` that ``fractalgen train`` runs) and a
+cluster shape (nodes x GPUs per node), it prints the GPU count, the global batch and its split,
+steps per epoch, the expected time per epoch and GPU-hours, and the memory per GPU for each ZeRO
+stage; it refuses shapes that cannot run (the batch does not split, the recipe's stage does not fit
+in GPU memory, offloaded state does not fit in host memory).
+
+Terms:
+- *node*: one machine of the cluster (``p5.48xlarge``: 8 x H100 80 GB, 192 vCPUs, 2 TiB RAM). One
+  Ray Train worker drives one GPU, so GPUs = workers = ``cluster.num_workers``.
+- *micro-step*: one forward + backward of ``micro_batch_per_gpu`` images on one GPU. *step*: one
+  optimizer update = ``global_batch_size`` images = ``accum`` micro-steps on every GPU, with
+  ``accum = global_batch_size / (micro_batch_per_gpu x GPUs)``.
+- *epoch*: ``num_images // global_batch_size`` steps (as ``fractalgen train`` counts them); the
+  dataset size comes from ``--num-images``, else the dataset summary at ``data.train_uri``.
+- *step time*: seconds per step on the cluster: ``--step-time``, else ``accum`` x the seconds per
+  micro-step on one GPU from ``REFERENCE_STEPS`` (PERF.md's *reference* measurements of the
+  released code on one H100, clearly not this platform's own speed), scaled when the exact setting
+  was not measured (the source is printed), divided by ``--efficiency`` (data-parallel scaling;
+  communication is not modelled, default 1.0).
+- *GPU-hours*: GPUs x wall-clock hours.
+
+Memory per GPU (GiB = 2^30 bytes), an estimate of the peak PyTorch allocates on one GPU:
+``model states + ZeRO buffers + activations + 1 GiB`` (cuBLAS workspaces, pinned batches, misc.).
+
+Model states for Psi parameters over N data-parallel GPUs (the ZeRO paper's accounting, Rajbhandari
+et al. 2020, section 3, with the bytes of this platform's engine):
+- ``--weights fp32`` (default; what ``fractalgen.platform.engine`` runs: bf16 *autocast* over fp32
+  weights, the weights being Adam's master copy): weights 4 Psi, gradients 4 Psi, Adam m and v 8 Psi,
+  plus the bf16 copies autocast makes of the weights for the matmuls, 2 Psi.
+- ``--weights bf16`` (DeepSpeed's bf16 mode, the ZeRO paper's mixed precision): weights 2 Psi,
+  gradients 2 Psi, optimizer 12 Psi (fp32 master, m, v).
+- ZeRO stage 1 divides the optimizer term by N, stage 2 also the gradients, stage 3 also the weights
+  (and the autocast copies), plus the gathered working set of the two largest blocks in fp32;
+  stages 1-3 add DeepSpeed's reduce buckets (``reduce_bucket_size`` of the engine, 2 buffers, fp32).
+- ``train.offload_optimizer`` moves the optimizer term to host memory, ``train.offload_params``
+  (stage 3) the weights; host memory per node = GPUs per node x that.
+
+Activations per micro-batch of b images, derived from the level configs (``fractalgen.models``):
+- level l (the transformer levels, then the pixel head) runs s_l sequences of T_l tokens per image,
+  width D, B blocks, a heads: s_0 = 1, s_{l+1} = s_l x L_l x rho_l, where L_l is the level's patch
+  count and rho_l the expected fraction passed down: E[ceil(L r)] / L for MAR levels with the mask
+  rate r ~ TN(1, 0.25) on [0, 1] (0.80 at L = 256, 0.83 at L = 16), 1 for AR levels. T_l = L_l + 5
+  conditions (+1 guiding pixel) for MAR, L_l for AR, 4 for the pixel head. n_l = s_l T_l tokens.
+- one block's activations per token, in bytes: ``F = 38 D + 9 a T`` (Korthikanti et al. 2022's
+  34 D for a 16-bit transformer block, + 4 D for the fp32 residual stream the norms keep under
+  autocast; attention 9 bytes per score: 16-bit scores, fp32 softmax, dropout mask, dropped probs).
+- saved for backward by level l per image: ``n_l B F`` without activation checkpointing, ``n_l B 4 D``
+  with it (each block keeps only its fp32 input); plus ``26 D n_l`` outside the blocks (embeddings,
+  norms, the five neighbour conditions passed down) and, for the pixel head, two fp32 copies of the
+  3 x 256 logits per pixel.
+- backward runs from the pixel head up, freeing each level's tensors, and with checkpointing
+  recomputes one block at a time, so the peak is ``b x max_l (sum of saved_k for k <= l, top
+  level first, + (n_l F when checkpointing))``. ``precision: fp32`` doubles it (rough).
+
+Calibration: with these constants the formula reproduces PERF.md's measured peaks of the released
+code (fp16 autocast + GradScaler, AdamW, one H100: model states 16 Psi + 2 Psi autocast copies, as
+``--weights fp32`` at stage 0) to within 6%: fractalmar_in64 b=8 no checkpointing 20.5 GiB
+(measured 19.6), b=64 checkpointing 25.8 (27.2); fractalar_in64 b=8 21.0 (21.9);
+fractalmar_base_in256 b=32 checkpointing 46.6 (47.1); fractalmar_large_in256 b=32 checkpointing
+58.9 (57.4); and it puts fractalmar_huge_in256 b=32 (75.3) and fractalmar_in64 b=64 without
+checkpointing (106) over the limit, where PERF measured out of memory. This platform's kernels
+(SDPA/flash at the top level, bf16) need less, so the estimate is conservative for it. A shape fits
+when the estimate is at most ``(1 - headroom)`` x GPU memory (default headroom 8%: CUDA context,
+allocator fragmentation, the calibration's error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fractalgen import __version__
+from fractalgen.config import ConfigError, TrainRunConfig, from_dict, load, to_dict
+
+GiB = float(1 << 30)
+
+# The platform's container image: one name for ray_cluster.yaml, the KubeRay manifests, the
+# Dockerfile's build command and the docs (tests check that they all use it).
+IMAGE_REPOSITORY = "ghcr.io/fractalgen/fractalgen"
+IMAGE = f"{IMAGE_REPOSITORY}:{__version__}"
+# The training entrypoint of a cluster job; the recipe path follows (configs/<recipe>.yaml).
+ENTRYPOINT = "fractalgen train --config"
+
+# Bytes per activation element are fitted for the 16-bit regime (see the module docstring).
+_BLOCK_BYTES_PER_DIM = 38  # F = 38 D + 9 a T per token per block
+_ATTN_BYTES_PER_SCORE = 9
+_CKPT_BYTES_PER_DIM = 4  # fp32 block input kept per token per block under checkpointing
+_OUTSIDE_BLOCKS_BYTES_PER_DIM = 26
+_LOGIT_COPIES = 2  # fp32 pixel-head logits kept for the cross-entropy backward
+_CONSTANT_GIB = 1.0
+_MASK_MEAN, _MASK_STD, _MASK_LO_STD = 1.0, 0.25, -4.0  # fractalgen.models.mar: r ~ TN(1, .25) on [0, 1]
+H100_DENSE_BF16_TFLOPS = 790.0  # PERF.md, "The limit": dense bf16 matrix work of one H100
+
+Weights = Literal["fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """A kind of cluster node: its GPUs, their memory, and the host's memory and CPUs."""
+
+    name: str
+    gpus: int
+    gpu: str
+    gpu_memory_gib: float  # what the CUDA driver reports as total memory
+    host_memory_gib: float
+    cpus: int
+
+
+NODE_TYPES: dict[str, NodeType] = {
+    "p5.48xlarge": NodeType("p5.48xlarge", 8, "H100 80GB", 79.1, 2048.0, 192),
+    "p5e.48xlarge": NodeType("p5e.48xlarge", 8, "H200 141GB", 139.8, 2048.0, 192),
+}
+DEFAULT_NODE_TYPE = "p5.48xlarge"
+
+
+@dataclass(frozen=True)
+class MeasuredStep:
+    """Seconds per micro-step (forward + backward + optimizer step) on one GPU at a setting."""
+
+    model: str
+    micro_batch: int
+    activation_checkpointing: bool
+    seconds: float
+
+
+# PERF.md, "Reference measured on one H100 80GB HBM3": the public release's code (fp16 autocast +
+# GradScaler, AdamW), NOT this platform's speed; defaults until `bench/` measures ours (--step-time).
+REFERENCE_STEPS: tuple[MeasuredStep, ...] = (
+    MeasuredStep("fractalmar_in64", 8, False, 0.244),
+    MeasuredStep("fractalar_in64", 8, False, 0.276),
+    MeasuredStep("fractalmar_in64", 64, True, 0.945),
+    MeasuredStep("fractalmar_base_in256", 32, True, 0.996),
+    MeasuredStep("fractalmar_large_in256", 32, True, 1.477),
+)
+REFERENCE_SOURCE = "PERF.md reference (released code, fp16, one H100)"
+# full recomputation repeats the forward: about 4/3 of the work of forward + backward
+_RECOMPUTE_FACTOR = 4.0 / 3.0
+# the ImageNet-1k training set, used when the dataset summary cannot be read and the model has 1000 classes
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+class PlanRefused(ValueError):
+    """The shape cannot run this recipe; the message says which constraint and what to change."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# activations
+# ----------------------------------------------------------------------------------------------------
+
+
+def _phi(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def mar_down_fraction(seq_len: int) -> float:
+    """rho = E[max(1, ceil(L r))] / L for r ~ TN(1, 0.25) truncated to [0, 1] (MAR training masks).
+
+    Exact: E[ceil(L r)] = sum_k P(L r > k - 1) for k = 1..L, and P(r > x) has a closed form.
+    """
+    z_lo = _MASK_LO_STD
+    mass = _phi(0.0) - _phi(z_lo)
+    expected = 0.0
+    for k in range(1, seq_len + 1):
+        x = (k - 1) / seq_len  # P(r > x), x in [0, 1)
+        z = max(z_lo, (x - _MASK_MEAN) / _MASK_STD)
+        expected += (_phi(0.0) - _phi(z)) / mass
+    return max(1.0, expected) / seq_len
+
+
+@dataclass(frozen=True)
+class LevelLoad:
+    """What one level runs per image during training (expected values under MAR masking)."""
+
+    name: str  # g1, g2, ... as in ``fractalgen inspect``; the pixel head last
+    sequences: float  # s_l
+    tokens_per_sequence: int  # T_l
+    width: int
+    blocks: int
+    heads: int
+
+    @property
+    def tokens(self) -> float:
+        return self.sequences * self.tokens_per_sequence
+
+    def block_bytes_per_token(self) -> float:
+        return (
+            _BLOCK_BYTES_PER_DIM * self.width + _ATTN_BYTES_PER_SCORE * self.heads * self.tokens_per_sequence
+        )
+
+
+def level_loads(model_cfg: Any) -> list[LevelLoad]:
+    """Per level: sequences per image, tokens per sequence, width, blocks, heads."""
+    loads: list[LevelLoad] = []
+    sequences = 1.0
+    for lvl in range(model_cfg.num_levels):
+        L = model_cfg.seq_len(lvl)
+        if model_cfg.generators[lvl] == "mar":
+            T = L + model_cfg.num_conds + (1 if model_cfg.guiding_pixel else 0)
+            rho = mar_down_fraction(L)
+        else:
+            T, rho = L, 1.0  # AR: condition + the first L - 1 patches; every patch goes down
+        loads.append(
+            LevelLoad(
+                f"g{lvl + 1}",
+                sequences,
+                T,
+                model_cfg.widths[lvl],
+                model_cfg.blocks[lvl],
+                model_cfg.heads[lvl],
+            )
+        )
+        sequences *= L * rho
+    loads.append(
+        LevelLoad(
+            f"g{model_cfg.num_levels + 1}",
+            sequences,
+            4,
+            model_cfg.widths[-1],
+            model_cfg.blocks[-1],
+            model_cfg.heads[-1],
+        )
+    )
+    return loads
+
+
+def activation_bytes(
+    model_cfg: Any, micro_batch: int, *, checkpointing: bool, precision: str = "bf16"
+) -> float:
+    """Peak activation bytes of one micro-batch (module docstring: the formula and its calibration)."""
+    loads = level_loads(model_cfg)
+    peak = saved = 0.0
+    for i, lv in enumerate(loads):
+        F = lv.block_bytes_per_token()
+        if checkpointing:
+            level_saved = lv.tokens * lv.blocks * _CKPT_BYTES_PER_DIM * lv.width
+            recompute = lv.tokens * F
+        else:
+            level_saved = lv.tokens * lv.blocks * F
+            recompute = 0.0
+        level_saved += _OUTSIDE_BLOCKS_BYTES_PER_DIM * lv.width * lv.tokens
+        if i == len(loads) - 1:  # pixel head: fp32 logits, 3 channels x 256 values per pixel
+            level_saved += _LOGIT_COPIES * lv.sequences * 3 * 256 * 4
+        saved += level_saved
+        peak = max(peak, saved + recompute)
+    scale = 2.0 if precision == "fp32" else 1.0
+    return scale * micro_batch * peak
+
+
+# ----------------------------------------------------------------------------------------------------
+# model states
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU at one ZeRO stage; ``host_bytes`` is what offload puts in host memory per GPU."""
+
+    stage: int
+    weights: float
+    gradients: float
+    optimizer: float
+    autocast_copy: float
+    zero_buffers: float
+    activations: float
+    constant: float
+    host_bytes: float
+
+    @property
+    def total(self) -> float:
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.autocast_copy
+            + self.zero_buffers
+            + self.activations
+            + self.constant
+        )
+
+
+def state_bytes_per_param(weights: Weights, precision: str) -> tuple[int, int, int, int]:
+    """(weights, gradients, optimizer, autocast copy) bytes per parameter."""
+    if precision == "fp32":
+        return 4, 4, 8, 0
+    if weights == "bf16":
+        return 2, 2, 12, 0  # DeepSpeed bf16 mode: the ZeRO paper's 2 + 2 + K=12
+    return 4, 4, 8, 2  # this engine: fp32 weights (Adam's master copy), bf16 autocast copies
+
+
+def memory_per_gpu(
+    *,
+    params: int,
+    largest_block_params: int,
+    gpus: int,
+    stage: int,
+    activations: float,
+    weights: Weights = "fp32",
+    precision: str = "bf16",
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+    reduce_bucket_size: int = 50_000_000,
+) -> MemoryEstimate:
+    """The ZeRO accounting of the module docstring for one stage (offload only where it applies)."""
+    w, g, k, a = state_bytes_per_param(weights, precision)
+    n = max(1, gpus)
+    weight_b, grad_b, opt_b, copy_b = w * params, g * params, k * params, a * params
+    if stage >= 1:
+        opt_b /= n
+    if stage >= 2:
+        grad_b /= n
+    buffers = 0.0
+    if stage >= 1:
+        buffers += 2 * reduce_bucket_size * 4
+    if stage == 3:
+        weight_b /= n
+        copy_b /= n
+        buffers += 2 * largest_block_params * 4  # gathered blocks (current + prefetched), fp32
+    host = 0.0
+    if offload_optimizer and stage >= 1:
+        host += opt_b
+        opt_b = 0.0
+    if offload_params and stage == 3:
+        host += weight_b
+        weight_b = 0.0
+    return MemoryEstimate(
+        stage=stage,
+        weights=weight_b,
+        gradients=grad_b,
+        optimizer=opt_b,
+        autocast_copy=copy_b,
+        zero_buffers=buffers,
+        activations=activations,
+        constant=_CONSTANT_GIB * GiB,
+        host_bytes=host,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# step time
+# ----------------------------------------------------------------------------------------------------
+
+
+def reference_micro_step(
+    model: str, micro_batch: int, checkpointing: bool, gflops: dict[str, float]
+) -> tuple[float, str] | None:
+    """Seconds per micro-step on one GPU from ``REFERENCE_STEPS``, and where the number comes from.
+
+    In order: the exact setting; the same model and checkpointing at another micro-batch (scaled by
+    images); another model with the same checkpointing (nearest micro-batch, scaled by images and by
+    training FLOPs per image); the same model with the other checkpointing setting (x or / 4/3).
+    ``gflops`` maps model names to forward GFLOPs per image. None when nothing applies.
+    """
+    rows = REFERENCE_STEPS
+    for r in rows:
+        if (r.model, r.micro_batch, r.activation_checkpointing) == (model, micro_batch, checkpointing):
+            return r.seconds, f"{REFERENCE_SOURCE}: measured at this setting"
+
+    def nearest(cands: list[MeasuredStep]) -> MeasuredStep:
+        # closest micro-batch, then the model closest in FLOPs per image
+        def flops_gap(r: MeasuredStep) -> float:
+            if model in gflops and r.model in gflops:
+                return abs(math.log(gflops[model] / gflops[r.model]))
+            return 0.0
+
+        return min(cands, key=lambda r: (abs(math.log(micro_batch / r.micro_batch)), flops_gap(r), r.model))
+
+    same = [r for r in rows if r.model == model and r.activation_checkpointing == checkpointing]
+    if same:
+        r = nearest(same)
+        return (
+            r.seconds * micro_batch / r.micro_batch,
+            f"{REFERENCE_SOURCE}: micro-batch {r.micro_batch} measured, scaled by images",
+        )
+    others = [r for r in rows if r.activation_checkpointing == checkpointing and r.model in gflops]
+    if others and model in gflops:
+        r = nearest(others)
+        t = r.seconds * (micro_batch / r.micro_batch) * (gflops[model] / gflops[r.model])
+        return t, (
+            f"{REFERENCE_SOURCE}: {r.model} micro-batch {r.micro_batch} measured, scaled by images and "
+            "training FLOPs per image"
+        )
+    flipped = [r for r in rows if r.model == model]
+    if flipped:
+        r = nearest(flipped)
+        factor = _RECOMPUTE_FACTOR if checkpointing else 1.0 / _RECOMPUTE_FACTOR
+        on = "with" if r.activation_checkpointing else "without"
+        return r.seconds * micro_batch / r.micro_batch * factor, (
+            f"{REFERENCE_SOURCE}: micro-batch {r.micro_batch} {on} checkpointing measured, scaled by images "
+            "and the recomputation (4/3)"
+        )
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# the plan
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    """Everything ``cluster plan`` prints (``--json`` prints ``to_dict()``)."""
+
+    recipe: str
+    model: str
+    params: int
+    node_type: str
+    gpu: str
+    nodes: int
+    gpus_per_node: int
+    gpus: int
+    gpu_memory_gib: float
+    usable_gib: float
+    global_batch_size: int
+    micro_batch_per_gpu: int
+    grad_accum_steps: int
+    num_images: int
+    num_images_source: str
+    steps_per_epoch: int
+    epochs: float
+    total_steps: int
+    step_time_s: float
+    step_time_source: str
+    images_per_s: float
+    epoch_hours: float
+    epoch_gpu_hours: float
+    total_hours: float
+    total_gpu_hours: float
+    mfu: float  # training FLOPs done / (GPUs x H100 dense bf16 peak)
+    zero_stage: int
+    weights: str
+    activation_checkpointing: bool
+    memory: tuple[MemoryEstimate, ...]
+    host_memory_per_node_gib: float
+    host_memory_gib: float
+    notes: tuple[str, ...]
+
+    @property
+    def recipe_memory(self) -> MemoryEstimate:
+        return self.memory[self.zero_stage]
+
+    def fits(self, stage: int) -> bool:
+        return self.memory[stage].total <= self.usable_gib * GiB
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["memory"] = [
+            {
+                **{k: (v / GiB if k not in ("stage",) else v) for k, v in dataclasses.asdict(m).items()},
+                "total": m.total / GiB,
+                "fits": self.fits(m.stage),
+            }
+            for m in self.memory
+        ]
+        d["notes"] = list(self.notes)
+        return d
+
+
+def _num_images(cfg: TrainRunConfig, explicit: int | None, num_classes: int) -> tuple[int, str]:
+    if explicit is not None:
+        return explicit, "--num-images"
+    from fractalgen.pipelines import storage
+    from fractalgen.pipelines.summary import read_summary
+
+    uri = cfg.data.train_uri
+    reason = "data.train_uri is empty"
+    if uri:
+        try:
+            endpoint = storage.endpoint_url(cfg.data.s3_endpoint_url) if storage.is_remote(uri) else None
+            summary = read_summary(uri, endpoint=endpoint)
+            return int(summary["num_images"]), f"dataset summary at {uri}"
+        except Exception as err:  # no dataset yet, no credentials, no network: say so and go on
+            reason = f"cannot read the dataset summary at {uri} ({type(err).__name__})"
+    if num_classes == 1000:
+        return IMAGENET_TRAIN_IMAGES, f"assumed ImageNet-1k train; {reason}; pass --num-images"
+    raise PlanRefused(f"{reason}; pass --num-images N")
+
+
+def make_plan(
+    cfg: TrainRunConfig,
+    *,
+    recipe: str,
+    node: NodeType,
+    nodes: int | None = None,
+    num_images: int | None = None,
+    step_time: float | None = None,
+    efficiency: float = 1.0,
+    headroom: float = 0.08,
+    weights: Weights = "fp32",
+) -> ClusterPlan:
+    """The plan for ``cfg`` on ``nodes`` nodes of ``node`` (None: enough for ``cluster.num_workers``).
+
+    Raises ``PlanRefused`` when the shape cannot run the recipe (the plan is attached as ``.plan``
+    when it got that far, so the caller can still show the memory table).
+    """
+    from fractalgen.models import MODEL_CONFIGS, get_config
+    from fractalgen.models.inspect import level_costs
+
+    t, c = cfg.train, cfg.cluster
+    notes: list[str] = []
+    if c.gpus_per_worker < 1:
+        raise PlanRefused(
+            "cluster.gpus_per_worker is 0: this recipe trains on CPUs; plan a GPU run with "
+            "--set cluster.gpus_per_worker=1"
+        )
+    if cfg.model.name not in MODEL_CONFIGS:
+        raise PlanRefused(
+            f"model.name: unknown model {cfg.model.name!r}; registered: {', '.join(sorted(MODEL_CONFIGS))}"
+        )
+    if not 0 < efficiency <= 1:
+        raise PlanRefused(f"--efficiency must lie in (0, 1], got {efficiency}")
+    if not 0 <= headroom < 1:
+        raise PlanRefused(f"--headroom must lie in [0, 1), got {headroom}")
+    if nodes is None:
+        gpus = c.num_workers
+        nodes = math.ceil(gpus / node.gpus)
+        if gpus % node.gpus:
+            notes.append(f"{gpus} workers leave {nodes * node.gpus - gpus} GPU(s) of the last node idle")
+    else:
+        if nodes < 1:
+            raise PlanRefused(f"--nodes must be >= 1, got {nodes}")
+        gpus = nodes * node.gpus
+        if gpus != c.num_workers:
+            notes.append(
+                f"the recipe's cluster.num_workers={c.num_workers} becomes {gpus}: "
+                f"submit with --set cluster.num_workers={gpus}"
+            )
+    per_step = t.micro_batch_per_gpu * gpus
+    if t.global_batch_size % per_step:
+        divisors = [
+            n * node.gpus
+            for n in range(1, 65)
+            if t.global_batch_size % (t.micro_batch_per_gpu * n * node.gpus) == 0
+        ]
+        raise PlanRefused(
+            f"train.global_batch_size {t.global_batch_size} does not split over {gpus} GPUs x "
+            f"micro-batch {t.micro_batch_per_gpu} (= {per_step} images per micro-step): it must be a "
+            f"multiple of micro_batch_per_gpu x GPUs. GPU counts that work at this micro-batch: "
+            f"{', '.join(map(str, divisors[:8])) or 'none'}; or change train.micro_batch_per_gpu"
+        )
+    accum = t.global_batch_size // per_step
+    final = from_dict(TrainRunConfig, {**to_dict(cfg), "cluster": {**to_dict(c), "num_workers": gpus}})
+
+    model_cfg = get_config(cfg.model.name)
+    rows = level_costs(model_cfg)
+    params = sum(r.params for r in rows)
+    largest_block = max(r.block_params // max(1, r.layers) for r in rows)
+    gflops_fwd = sum(r.gflops for r in rows)
+
+    images, images_source = _num_images(cfg, num_images, cfg.model.num_classes or model_cfg.num_classes)
+    steps_per_epoch = images // t.global_batch_size
+    if steps_per_epoch < 1:
+        raise PlanRefused(
+            f"train.global_batch_size {t.global_batch_size} is larger than the dataset ({images} images)"
+        )
+    total_steps = max(1, round(t.epochs * steps_per_epoch))
+
+    ckpt = cfg.model.activation_checkpointing
+    if step_time is not None:
+        if step_time <= 0:
+            raise PlanRefused(f"--step-time must be > 0, got {step_time}")
+        step_s, step_source = step_time, "--step-time"
+    else:
+        gflops = {}
+        for name in {r.model for r in REFERENCE_STEPS} | {cfg.model.name}:
+            gflops[name] = (
+                sum(r.gflops for r in level_costs(get_config(name))) if name != cfg.model.name else gflops_fwd
+            )
+        found = reference_micro_step(cfg.model.name, t.micro_batch_per_gpu, ckpt, gflops)
+        if found is None:
+            raise PlanRefused(f"no measured step time for {cfg.model.name}; pass --step-time SECONDS")
+        micro_s, step_source = found
+        step_s = accum * micro_s / efficiency
+        step_source += f"; x {accum} micro-steps" + (
+            f" / efficiency {efficiency:g}" if efficiency != 1 else ""
+        )
+        notes.append("step time from PERF.md's reference measurements (released code), not this platform's")
+    images_per_s = t.global_batch_size / step_s
+    epoch_h = steps_per_epoch * step_s / 3600.0
+    total_h = total_steps * step_s / 3600.0
+    mfu = images_per_s * 3 * gflops_fwd * 1e9 / (gpus * H100_DENSE_BF16_TFLOPS * 1e12)
+
+    from fractalgen.platform.engine import deepspeed_config
+
+    bucket = int(
+        deepspeed_config(final, use_gpu=True)["zero_optimization"].get("reduce_bucket_size", 50_000_000)
+    )
+    acts = activation_bytes(model_cfg, t.micro_batch_per_gpu, checkpointing=ckpt, precision=t.precision)
+    memory = tuple(
+        memory_per_gpu(
+            params=params,
+            largest_block_params=largest_block,
+            gpus=gpus,
+            stage=stage,
+            activations=acts,
+            weights=weights,
+            precision=t.precision,
+            offload_optimizer=t.offload_optimizer,
+            offload_params=t.offload_params,
+            reduce_bucket_size=bucket,
+        )
+        for stage in range(4)
+    )
+    host_node = memory[t.zero_stage].host_bytes * node.gpus / GiB
+    plan = ClusterPlan(
+        recipe=recipe,
+        model=cfg.model.name,
+        params=params,
+        node_type=node.name,
+        gpu=node.gpu,
+        nodes=nodes,
+        gpus_per_node=node.gpus,
+        gpus=gpus,
+        gpu_memory_gib=node.gpu_memory_gib,
+        usable_gib=node.gpu_memory_gib * (1 - headroom),
+        global_batch_size=t.global_batch_size,
+        micro_batch_per_gpu=t.micro_batch_per_gpu,
+        grad_accum_steps=accum,
+        num_images=images,
+        num_images_source=images_source,
+        steps_per_epoch=steps_per_epoch,
+        epochs=t.epochs,
+        total_steps=total_steps,
+        step_time_s=step_s,
+        step_time_source=step_source,
+        images_per_s=images_per_s,
+        epoch_hours=epoch_h,
+        epoch_gpu_hours=epoch_h * gpus,
+        total_hours=total_h,
+        total_gpu_hours=total_h * gpus,
+        mfu=mfu,
+        zero_stage=t.zero_stage,
+        weights=weights,
+        activation_checkpointing=ckpt,
+        memory=memory,
+        host_memory_per_node_gib=host_node,
+        host_memory_gib=node.host_memory_gib,
+        notes=tuple(notes),
+    )
+    if not plan.fits(t.zero_stage):
+        fitting = [s for s in range(4) if plan.fits(s)]
+        hints = []
+        if fitting:
+            hints.append(f"ZeRO stage(s) that fit: {', '.join(map(str, fitting))} (--set train.zero_stage=N)")
+        if not ckpt:
+            hints.append("turn on activation checkpointing (--set model.activation_checkpointing=true)")
+        hints.append("lower train.micro_batch_per_gpu (more accumulation steps, same global batch)")
+        err = PlanRefused(
+            f"does not fit: ZeRO stage {t.zero_stage} needs about {plan.recipe_memory.total / GiB:.1f} GiB per GPU, "
+            f"more than the {plan.usable_gib:.1f} GiB usable of {node.gpu} ({node.gpu_memory_gib:g} GiB less "
+            f"{headroom:.0%} headroom). Options: " + "; ".join(hints)
+        )
+        err.plan = plan  # type: ignore[attr-defined]
+        raise err
+    if host_node > 0.9 * node.host_memory_gib:
+        err = PlanRefused(
+            f"does not fit: offloaded state needs about {host_node:.0f} GiB of host memory per node, more than "
+            f"90% of {node.name}'s {node.host_memory_gib:g} GiB"
+        )
+        err.plan = plan  # type: ignore[attr-defined]
+        raise err
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------
+# output
+# ----------------------------------------------------------------------------------------------------
+
+
+def _duration(hours: float) -> str:
+    if hours >= 48:
+        return f"{hours / 24:.1f} days"
+    if hours >= 1:
+        return f"{int(hours)}h {round((hours % 1) * 60):02d}m"
+    return f"{hours * 60:.1f} min"
+
+
+def format_plan(plan: ClusterPlan) -> str:
+    """The human-readable plan: the run's numbers, then memory per GPU for each ZeRO stage."""
+    p = plan
+    lines = [
+        f"plan for {p.recipe}: {p.model} ({p.params / 1e6:.1f}M parameters) on {p.nodes} x {p.node_type}",
+        f"  GPUs               {p.gpus} ({p.nodes} node(s) x {p.gpus_per_node} {p.gpu}; one Ray Train worker per GPU)",
+        f"  global batch       {p.global_batch_size} = {p.micro_batch_per_gpu} per GPU x {p.gpus} GPUs x "
+        f"{p.grad_accum_steps} accumulation step(s)",
+        f"  dataset            {p.num_images:,} images ({p.num_images_source})",
+        f"  steps per epoch    {p.steps_per_epoch:,}; {p.epochs:g} epochs = {p.total_steps:,} steps",
+        f"  step time          {p.step_time_s:.3f} s ({p.step_time_source})",
+        f"  throughput         {p.images_per_s:,.0f} img/s ({p.images_per_s / p.gpus:.1f} per GPU; "
+        f"MFU {p.mfu:.1%} of {H100_DENSE_BF16_TFLOPS:g} TFLOP/s)",
+        f"  time per epoch     {_duration(p.epoch_hours)}  ({p.epoch_gpu_hours:,.1f} GPU-hours)",
+        f"  whole run          {_duration(p.total_hours)}  ({p.total_gpu_hours:,.0f} GPU-hours)",
+        "",
+        f"memory per GPU, GiB (estimated peak; fits when <= {p.usable_gib:.1f} GiB usable of {p.gpu_memory_gib:g}); "
+        f"weights {p.weights}, activation checkpointing {'on' if p.activation_checkpointing else 'off'}:",
+        f"  {'ZeRO':<6}{'weights':>9}{'grads':>8}{'optim.':>8}{'autocast':>9}{'buffers':>9}{'activ.':>8}"
+        f"{'other':>7}{'total':>8}{'host/node':>11}  fits",
+    ]
+    for m in p.memory:
+        mark = "*" if m.stage == p.zero_stage else " "
+        lines.append(
+            f"  {m.stage}{mark:<5}{m.weights / GiB:>9.1f}{m.gradients / GiB:>8.1f}{m.optimizer / GiB:>8.1f}"
+            f"{m.autocast_copy / GiB:>9.1f}{m.zero_buffers / GiB:>9.1f}{m.activations / GiB:>8.1f}"
+            f"{m.constant / GiB:>7.1f}{m.total / GiB:>8.1f}{m.host_bytes * p.gpus_per_node / GiB:>11.1f}  "
+            f"{'yes' if p.fits(m.stage) else 'NO'}"
+        )
+    lines.append("  * the recipe's train.zero_stage (offload settings apply where the stage allows them)")
+    for note in p.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from fractalgen.platform.cli import CLIError
+
+    try:
+        cfg = load(TrainRunConfig, args.config, list(args.set or []))
+    except ConfigError as err:
+        raise CLIError(str(err)) from None
+    node = NODE_TYPES[args.node_type]
+    if args.gpus_per_node is not None or args.gpu_memory_gib is not None:
+        node = dataclasses.replace(
+            node,
+            name=f"{node.name} (modified)",
+            gpus=args.gpus_per_node or node.gpus,
+            gpu_memory_gib=args.gpu_memory_gib or node.gpu_memory_gib,
+        )
+    try:
+        plan = make_plan(
+            cfg,
+            recipe=args.config,
+            node=node,
+            nodes=args.nodes,
+            num_images=args.num_images,
+            step_time=args.step_time,
+            efficiency=args.efficiency,
+            headroom=args.headroom,
+            weights=args.weights,
+        )
+    except PlanRefused as err:
+        partial = getattr(err, "plan", None)
+        if partial is not None:
+            if args.json:
+                print(json.dumps({**partial.to_dict(), "refused": str(err)}, indent=2))
+            else:
+                print(format_plan(partial))
+        raise CLIError(f"refused: {err}") from None
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "cluster",
+        help="plan a training run on a GPU cluster (GPUs, batch, time, GPU-hours, memory per ZeRO stage)",
+        description="Cluster tools. `fractalgen cluster plan --config configs/<recipe>.yaml [--nodes N]`.",
+    )
+    sub = p.add_subparsers(dest="cluster_command", metavar="COMMAND", required=True)
+    plan = sub.add_parser(
+        "plan",
+        help="GPUs, global batch, steps per epoch, time and GPU-hours, memory per GPU per ZeRO stage",
+        description=(
+            "For a recipe and a cluster shape: GPUs, the global batch and its split, steps per epoch, expected "
+            "time per epoch and GPU-hours (from --step-time or PERF.md's reference measurements, labelled), and "
+            "memory per GPU for each ZeRO stage. Refuses shapes that cannot run: a global batch that does not "
+            "split over micro-batch x GPUs, the recipe's ZeRO stage over the GPU memory, offload over host "
+            "memory. The memory model is documented in fractalgen/platform/cluster.py."
+        ),
+    )
+    plan.add_argument("--config", required=True, help="YAML recipe, e.g. configs/fractalmar_large_in256.yaml")
+    plan.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a recipe value (repeatable), as for train",
+    )
+    plan.add_argument(
+        "--nodes",
+        type=int,
+        default=None,
+        help="nodes in the cluster (default: enough for cluster.num_workers)",
+    )
+    plan.add_argument(
+        "--node-type", choices=sorted(NODE_TYPES), default=DEFAULT_NODE_TYPE, help="default: p5.48xlarge"
+    )
+    plan.add_argument("--gpus-per-node", type=int, default=None, help="override the node type's GPU count")
+    plan.add_argument("--gpu-memory-gib", type=float, default=None, help="override the GPU memory (GiB)")
+    plan.add_argument(
+        "--num-images", type=int, default=None, help="dataset size (default: the summary at data.train_uri)"
+    )
+    plan.add_argument(
+        "--step-time",
+        type=float,
+        default=None,
+        help="measured seconds per optimizer step on this shape (default: from PERF.md's reference table)",
+    )
+    plan.add_argument(
+        "--efficiency",
+        type=float,
+        default=1.0,
+        help="data-parallel scaling efficiency for the default step time",
+    )
+    plan.add_argument(
+        "--headroom", type=float, default=0.08, help="fraction of GPU memory kept free (default 0.08)"
+    )
+    plan.add_argument(
+        "--weights",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="fp32: this engine (bf16 autocast over fp32 weights, 4+4+8 bytes); bf16: DeepSpeed bf16 mode (2+2+12)",
+    )
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=_run_plan)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from fractalgen.platform.cli import main
+
+    sys.exit(main(["cluster", *sys.argv[1:]]))

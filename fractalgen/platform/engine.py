@@ -1,0 +1,211 @@
+"""The DeepSpeed engine of one training worker: ZeRO config, AdamW groups, per-step lr schedule.
+
+Terms:
+- *step*: one optimizer update (``global_batch_size`` images over all workers); DeepSpeed counts
+  micro-batches and steps the optimizer and the schedule at each gradient-accumulation boundary.
+- *peak lr*: ``base_lr * global_batch_size / 256`` (SPEC, Released training recipe).
+- *schedule*: the released ``adjust_learning_rate``: linear warm-up from 0 over ``warmup_epochs``,
+  then half a cosine down to ``min_lr`` at ``epochs``, evaluated every step at the fractional epoch
+  ``step / steps_per_epoch`` (the released code adjusts the lr every iteration, not every epoch).
+- *precision*: ``bf16`` is torch autocast to bfloat16 with fp32 weights and fp32 master state
+  (DeepSpeed ``torch_autocast``), not DeepSpeed's ``bf16`` mode, which casts the weights and so the
+  inputs: the pixel head rounds de-normalised input pixels to integer targets (SPEC, Pixel head),
+  and bfloat16 inputs would shift those targets by up to a level. PERF's "cheap fixes" measured the
+  same choice (bf16 autocast, no GradScaler).
+
+``import deepspeed`` happens inside the functions: Ray workers import it, the driver never does.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from fractalgen.config import TrainRunConfig
+
+
+def deepspeed_config(cfg: TrainRunConfig, *, use_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config dict for the run (ZeRO stage, offload, precision, batch, clipping)."""
+    t = cfg.train
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage > 0:
+        zero.update(
+            contiguous_gradients=True,
+            overlap_comm=use_gpu,  # overlap needs CUDA streams; on CPU it only adds copies
+            reduce_bucket_size=50_000_000,
+        )
+    if t.zero_stage == 3:
+        # gather whole 16-bit weights on save so sampling / export need no shard surgery (DESIGN:
+        # "ZeRO-3 checkpoints are shards: gather 16-bit weights on save or consolidate")
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if t.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
+    config: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_per_gpu,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 1 << 62,  # our own progress line; DeepSpeed's would sync every print
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        # a torch AdamW with offload is allowed on CPU-only runs (DeepSpeedCPUAdam is used on GPUs)
+        "zero_force_ds_cpu_optimizer": False,
+    }
+    if t.precision == "bf16":
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return config
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay for biases and 1-D parameters (norm weights), as released."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name.endswith(".bias"):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def learning_rate(step: int, *, cfg: TrainRunConfig, steps_per_epoch: int) -> float:
+    """The lr used for optimizer step ``step`` (0-based): warm-up, then cosine (released schedule)."""
+    t = cfg.train
+    peak = cfg.lr
+    epoch = step / steps_per_epoch
+    if epoch < t.warmup_epochs:
+        return peak * epoch / t.warmup_epochs
+    span = t.epochs - t.warmup_epochs
+    progress = min(1.0, (epoch - t.warmup_epochs) / span) if span > 0 else 1.0
+    return t.min_lr + (peak - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainRunConfig, *, use_gpu: bool) -> torch.optim.Optimizer:
+    """AdamW with the recipe's betas and weight-decay groups at the peak lr (the schedule scales it)."""
+    t = cfg.train
+    groups = param_groups(model, t.weight_decay)
+    if t.offload_optimizer and use_gpu:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=t.betas, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=t.betas, fused=use_gpu)
+
+
+def _skip_cpu_shm_op() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce when its comm backend
+    starts (about 40 s of C++ per fresh machine, twice that on 2 cores). It serves only
+    ``inference_all_reduce``; training collectives go through torch.distributed (gloo), so skip it."""
+    import deepspeed.comm.torch  # noqa: F401
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
+
+
+def _zero3_sees_dataclass_outputs() -> None:
+    """Let ZeRO-3 find the tensors inside dataclass outputs (the levels' ``Conditions``).
+
+    ZeRO-3 gathers a module's partitioned weights again for backward through autograd hooks on the
+    tensors its forward returns, and finds them by walking tuples, lists and dicts only (DeepSpeed
+    ``apply_to_tensors_only``). A level hands the next one a ``Conditions`` dataclass, so without this
+    its weights would still be partitioned (empty) when backward reaches them ("size of tensor a
+    (0) must match ..."). Dataclasses are walked field by field and rebuilt with
+    ``dataclasses.replace``; every other type goes to DeepSpeed's own function unchanged.
+    """
+    import dataclasses
+
+    import deepspeed.runtime.zero.parameter_offload as offload
+
+    original = offload.apply_to_tensors_only
+    if getattr(original, "_fractalgen", False):
+        return
+
+    def apply_to_tensors_only(function: Any, value: Any, warning_msg_fn: Any = None) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            fields = [f.name for f in dataclasses.fields(value) if f.init]
+            return dataclasses.replace(
+                value,
+                **{
+                    name: apply_to_tensors_only(function, getattr(value, name), warning_msg_fn)
+                    for name in fields
+                },
+            )
+        if isinstance(value, tuple | list) and not hasattr(value, "_fields"):
+            return value.__class__(apply_to_tensors_only(function, v, warning_msg_fn) for v in value)
+        return original(function, value, warning_msg_fn)
+
+    apply_to_tensors_only._fractalgen = True  # type: ignore[attr-defined]
+    offload.apply_to_tensors_only = apply_to_tensors_only
+
+
+def setup_engine(model: nn.Module, cfg: TrainRunConfig, *, steps_per_epoch: int, use_gpu: bool) -> Any:
+    """``deepspeed.initialize`` with the run's ZeRO config, AdamW and the per-step schedule.
+
+    The process group must already exist (Ray Train's torch backend creates it). Returns the engine.
+    """
+    import deepspeed
+
+    if not use_gpu:
+        _skip_cpu_shm_op()
+    if cfg.train.zero_stage == 3:
+        _zero3_sees_dataclass_outputs()
+    optimizer = build_optimizer(model, cfg, use_gpu=use_gpu)
+    peak = cfg.lr
+    # LambdaLR multiplies the peak lr; DeepSpeed steps it after every optimizer step, so the lr of
+    # step s is learning_rate(s) (checkpointed with the engine)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: learning_rate(s, cfg=cfg, steps_per_epoch=steps_per_epoch) / peak
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=schedule,
+        config=deepspeed_config(cfg, use_gpu=use_gpu),
+        dist_init_required=False,
+    )
+    return engine
+
+
+def apply_hyperparameters(engine: Any, cfg: TrainRunConfig, *, step: int) -> None:
+    """After a restore, let the current recipe's lr schedule, betas and weight decay apply.
+
+    DeepSpeed restores the optimizer's and the schedule's saved hyper-parameters with their state;
+    a run relaunched with a lower ``train.base_lr`` (the advice after a non-finite loss) must train
+    with the new one. Values are computed exactly as ``LambdaLR`` does, so an unchanged recipe
+    resumes bit for bit.
+    """
+    t = cfg.train
+    schedule = engine.lr_scheduler
+    groups = schedule.optimizer.param_groups
+    schedule.base_lrs = [cfg.lr] * len(groups)
+    schedule.last_epoch = step
+    for i, group in enumerate(groups):
+        group["initial_lr"] = cfg.lr
+        group["betas"] = tuple(t.betas)
+        group["weight_decay"] = t.weight_decay if i == 0 else 0.0  # param_groups: decay first
+        group["lr"] = schedule.base_lrs[i] * schedule.lr_lambdas[i](step)
+    schedule._last_lr = [group["lr"] for group in groups]
+
+
+def full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on rank 0 (None elsewhere). Collective: every rank must call it.
+
+    ZeRO-3 gathers the partitioned parameters; stages 0-2 hold full weights on every rank.
+    """
+    import torch.distributed as dist
+
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+        return state if dist.get_rank() == 0 else None
+    if dist.get_rank() != 0:
+        return None
+    return {k: v.detach() for k, v in engine.module.state_dict().items()}

@@ -1,0 +1,8 @@
+"""Evaluation of FractalGen models: bits/dim, FID / Inception Score / precision / recall.
+
+- ``inception``: the FID Inception v3 network and where its weights come from (never downloaded).
+- ``metrics``: Fréchet distance, Inception Score, k-NN precision/recall, reference ``.npz`` files.
+- ``generate``: model sources, sampling settings, seeded batched generation, Ray workers.
+- ``data``: passes over prepared shard sets (bits/dim, reference statistics).
+- ``cli``: ``fractalgen eval {nll,fid,stats}``.
+"""

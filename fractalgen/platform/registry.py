@@ -1,0 +1,792 @@
+"""The MLflow model registry for FractalGen: register, review, promote.
+
+Terms:
+- *registered model*: a name in the MLflow registry (e.g. ``fractalmar-in64``); its *versions* are
+  checkpoints, each logged as an ``mlflow.pyfunc`` model (``serving.FractalGenPyfunc``) whose
+  ``checkpoint`` artifact holds the consolidated weights in the released format.
+- *aliases* (MLflow 3, instead of stages): ``candidate`` marks a newly registered version,
+  ``champion`` the one in use (``models:/NAME@champion``). ``promote`` moves ``champion``.
+- *registration run*: the MLflow run a version is logged from, in experiment ``fractalgen-registry``
+  (or the training run's experiment, nested under the training run when that run is known: given,
+  or found by the checkpoint's ``run_name``). Metrics and the sample grid are logged there.
+- *version tags*, what ``review`` shows side by side:
+  ``metrics.<name>`` (``fid``, ``inception_score``, ``precision``, ``recall``, ``nll_bpd``) from
+  ``fractalgen eval ... --record`` or registration; ``sampling.<field>`` the best sampling settings
+  of a sweep and ``sweep.<name>`` its result (``sweep.fid``, ``sweep.run_id``); ``fractalgen.model``
+  (architecture), ``fractalgen.source`` (where the weights came from), ``fractalgen.grid`` (the grid's
+  path in the registration run), ``fractalgen.training_run_id``.
+- *released import*: a public ``checkpoint-last.pth`` registered as a version (weights only; the
+  optimizer state in the file is dropped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import html
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fractalgen.platform.cli import CLIError
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+    from fractalgen.platform.evaluation.generate import ModelSource
+
+log = logging.getLogger(__name__)
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+MODEL_NAME_IN_RUN = "model"
+REGISTRY_EXPERIMENT = "fractalgen-registry"
+TAG_ARCH = "fractalgen.model"
+TAG_SOURCE = "fractalgen.source"
+TAG_SOURCE_KIND = "fractalgen.source_kind"
+TAG_TRAINING_RUN = "fractalgen.training_run_id"
+TAG_GRID = "fractalgen.grid"
+TAG_PROMOTED = "fractalgen.promoted_at"
+METRIC_PREFIX = "metrics."
+SWEEP_PREFIX = "sweep."
+RUN_NAME_TAG = "fractalgen.run_name"  # the training run's name (fractalgen.platform.tracking)
+REVIEW_METRICS = ("fid", "inception_score", "precision", "recall", "nll_bpd")
+LOWER_IS_BETTER = {
+    "fid": True,
+    "nll_bpd": True,
+    "inception_score": False,
+    "precision": False,
+    "recall": False,
+}
+
+
+class RegistryError(ValueError):
+    """A registered model or version does not exist, or the registry refused an operation."""
+
+
+@dataclass
+class RegisteredVersion:
+    name: str
+    version: str
+    run_id: str
+    model_uri: str  # models:/NAME/VERSION
+
+
+def client(tracking_uri: str | None = None) -> MlflowClient:
+    """An ``MlflowClient`` for ``tracking_uri`` (default: MLFLOW_TRACKING_URI / mlflow's default);
+    the registry is the tracking server's unless MLFLOW_REGISTRY_URI says otherwise."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(
+        tracking_uri=tracking_uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
+    )
+
+
+# ------------------------------------------------------------------------------ finding versions
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME/VERSION`` -> (NAME, VERSION, None); ``models:/NAME@ALIAS`` -> (NAME, None, ALIAS)."""
+    if not uri.startswith("models:/"):
+        raise RegistryError(
+            f"{uri!r} is not a registered model URI (models:/NAME/VERSION or models:/NAME@ALIAS)"
+        )
+    rest = uri[len("models:/") :].strip("/")
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        return name, None, alias
+    if "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        return name, version, None
+    raise RegistryError(f"{uri!r} names no version: use models:/{rest}/VERSION or models:/{rest}@champion")
+
+
+def _versions(c: Any, name: str) -> list[Any]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in c.search_registered_models(max_results=50))
+        raise RegistryError(
+            f"no registered model named {name!r}" + (f" (registered: {', '.join(names)})" if names else "")
+        ) from None
+    return sorted(c.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+
+
+def get_version(
+    name: str, version: str | int | None = None, alias: str | None = None, *, c: Any = None
+) -> Any:
+    """The ``ModelVersion`` NAME/VERSION or NAME@ALIAS; ``RegistryError`` naming what exists otherwise."""
+    from mlflow.exceptions import MlflowException
+
+    c = c or client()
+    versions = _versions(c, name)
+    listing = ", ".join(str(v.version) for v in versions) or "none"
+    if alias is not None:
+        try:
+            return c.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            aliases = sorted({a for v in versions for a in (v.aliases or [])})
+            raise RegistryError(
+                f"model {name!r} has no alias {alias!r} (aliases: {', '.join(aliases) or 'none'}; versions: {listing})"
+            ) from None
+    text = str(version)
+    if text == "latest":
+        if not versions:
+            raise RegistryError(f"model {name!r} has no versions")
+        return versions[-1]
+    for v in versions:
+        if str(v.version) == text:
+            return c.get_model_version(name, text)  # with tags and aliases filled in
+    raise RegistryError(f"model {name!r} has no version {text} (versions: {listing})")
+
+
+def resolve_version(uri: str, *, c: Any = None) -> Any:
+    name, version, alias = parse_model_uri(uri)
+    return get_version(name, version, alias, c=c)
+
+
+def _checkpoint_in_model_dir(model_dir: Path) -> Path:
+    import yaml
+
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+    arts = (mlmodel.get("flavors", {}).get("python_function", {}) or {}).get("artifacts", {}) or {}
+    rel = (arts.get("checkpoint") or {}).get("path")
+    if rel and (model_dir / rel).is_file():
+        return model_dir / rel
+    found = sorted(model_dir.rglob("*.pth"))
+    if not found:
+        raise RegistryError(f"the model at {model_dir} holds no checkpoint artifact")
+    return found[0]
+
+
+def download_version(
+    uri: str, work: str | os.PathLike[str], *, tracking_uri: str | None = None
+) -> ModelSource:
+    """Download a registered version's weights; returns a ``generate.ModelSource``."""
+    import mlflow.artifacts
+
+    from fractalgen.platform.evaluation.generate import ModelSource
+
+    c = client(tracking_uri)
+    mv = resolve_version(uri, c=c)
+    dest = Path(work) / f"{mv.name}-v{mv.version}"
+    dest.mkdir(parents=True, exist_ok=True)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(dest), tracking_uri=tracking_uri
+    )
+    return ModelSource(
+        source=uri, path=_checkpoint_in_model_dir(Path(local)), kind="registry", registered_name=mv.name,
+        version=str(mv.version), tags=dict(mv.tags or {}),
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ registering
+def _find_training_run(c: Any, run_name: str | None) -> str | None:
+    if not run_name:
+        return None
+    try:
+        experiments = [e.experiment_id for e in c.search_experiments(max_results=200)]
+        runs = c.search_runs(
+            experiments, filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
+        )
+    except Exception as err:  # a store without search support: no link, not a failure
+        log.debug("training run lookup failed: %s", err)
+        return None
+    return runs[0].info.run_id if runs else None
+
+
+def ensure_experiment(c: Any, name: str, tracking_uri: str | None = None) -> str:
+    """The id of experiment ``name``, created if needed; with a SQLite store its artifacts go beside
+    the database (``mlartifacts/``), as the training runs' do, not into the working directory."""
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    uri = tracking_uri or c.tracking_uri
+    location = None
+    if str(uri).startswith("sqlite:///"):
+        folder = os.path.dirname(os.path.abspath(str(uri)[len("sqlite:///") :]))
+        location = "file://" + os.path.join(folder, "mlartifacts")
+    return c.create_experiment(name, artifact_location=location)
+
+
+def _grid_png(images: Any, ncols: int | None = None) -> bytes:
+    from fractalgen.platform.sampling_cli import auto_scale, make_grid
+
+    grid = (make_grid(images, ncols).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    from PIL import Image
+
+    img = Image.fromarray(grid)
+    s = auto_scale(images.size(-1))
+    if s > 1:
+        img = img.resize((img.width * s, img.height * s), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def register_checkpoint(
+    checkpoint: str,
+    name: str,
+    *,
+    tracking_uri: str | None = None,
+    experiment: str = REGISTRY_EXPERIMENT,
+    model_name: str | None = None,
+    training_run_id: str | None = None,
+    metrics: Mapping[str, float] | None = None,
+    aliases: Sequence[str] = (CANDIDATE,),
+    description: str | None = None,
+    grid_images: int = 16,
+    grid_settings: Any = None,
+    grid_seed: int = 0,
+    source_kind: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> RegisteredVersion:
+    """Register ``checkpoint`` (a released-format file, a training checkpoint / run folder, local or
+    ``s3://``) as a new version of ``name`` with a pyfunc model, a sample grid and ``metrics``.
+
+    ``model_name`` names the architecture when the file cannot tell (old released files do). The new
+    version gets ``aliases`` (default ``candidate``). Returns the version.
+    """
+    import mlflow
+
+    from fractalgen.models import CheckpointError, load_released, save_released
+    from fractalgen.models.checkpoint import read_checkpoint
+    from fractalgen.platform.evaluation.generate import (
+        SamplingSettings,
+        balanced_labels,
+        generate_images,
+        resolve_model_source,
+    )
+    from fractalgen.platform.serving import CHECKPOINT_ARTIFACT, FractalGenPyfunc, default_params
+
+    c = client(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="fractalgen-register-") as work:
+        try:
+            source = resolve_model_source(checkpoint, work_dir=work)
+            ckpt_args = read_checkpoint(source.path).get("args")
+            model = load_released(source.path, model_name)
+        except (FileNotFoundError, CheckpointError) as err:
+            raise RegistryError(str(err)) from None
+        args = dict(vars(ckpt_args)) if ckpt_args is not None and hasattr(ckpt_args, "__dict__") else {}
+        # weights only (a released file's optimizer state is dropped); the architecture travels along
+        weights = save_released(model, Path(work) / "checkpoint.pth", args=args)
+        arch = model_name or architecture_name(model.config, args)
+        run_name = args.get("run_name") if isinstance(args.get("run_name"), str) else None
+        training_run_id = training_run_id or _find_training_run(c, run_name)
+
+        if training_run_id:
+            parent = c.get_run(training_run_id)
+            experiment_id = parent.info.experiment_id
+        else:
+            experiment_id = ensure_experiment(c, experiment, tracking_uri)
+        run_tags = {"fractalgen.registered_model": name, TAG_SOURCE: checkpoint}
+        if training_run_id:
+            run_tags["mlflow.parentRunId"] = training_run_id
+        previous_uri = mlflow.get_tracking_uri()
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        try:
+            with mlflow.start_run(
+                experiment_id=experiment_id, run_name=f"register-{name}", tags=run_tags
+            ) as run:
+                import pandas as pd
+                from mlflow.models import infer_signature
+
+                params = default_params(model.config)
+                signature = infer_signature(
+                    pd.DataFrame({"label": [0]}), pd.DataFrame({"label": [0], "image": [""]}), params=params
+                )
+                info = mlflow.pyfunc.log_model(
+                    name=MODEL_NAME_IN_RUN,
+                    python_model=FractalGenPyfunc(),
+                    artifacts={CHECKPOINT_ARTIFACT: str(weights)},
+                    signature=signature,
+                    pip_requirements=_requirements(),
+                    metadata={
+                        "fractalgen_model": arch,
+                        "img_size": model.config.img_size,
+                        "num_classes": model.config.num_classes,
+                    },
+                )
+                mlflow.log_params({"checkpoint": checkpoint[:500], "architecture": arch,
+                                   "img_size": model.config.img_size, "num_classes": model.config.num_classes})  # fmt: skip
+                if metrics:
+                    mlflow.log_metrics(dict(metrics), model_id=info.model_id)
+                grid_path = None
+                if grid_images > 0:
+                    settings = grid_settings or SamplingSettings()
+                    labels = balanced_labels(grid_images, model.config.num_classes)
+                    images = generate_images(model, labels, settings, batch_size=grid_images, seed=grid_seed)
+                    grid_path = "registry/grid.png"
+                    grid_file = Path(work) / "grid.png"
+                    grid_file.write_bytes(_grid_png(images))
+                    mlflow.log_artifact(str(grid_file), "registry")
+                    mlflow.log_dict(
+                        {"labels": labels.tolist(), "seed": grid_seed,
+                         "settings": settings.resolved(model.config).to_tags()}, "registry/grid.json",
+                    )  # fmt: skip
+                run_id = run.info.run_id
+        finally:
+            mlflow.set_tracking_uri(previous_uri)
+        version_tags = {
+            TAG_ARCH: arch,
+            TAG_SOURCE: checkpoint,
+            TAG_SOURCE_KIND: source_kind or source.kind,
+            **({TAG_TRAINING_RUN: training_run_id} if training_run_id else {}),
+            **({TAG_GRID: grid_path} if grid_path else {}),
+            **{f"{METRIC_PREFIX}{k}": _fmt(v) for k, v in (metrics or {}).items()},
+            **dict(tags or {}),
+        }
+        try:
+            c.get_registered_model(name)
+        except Exception:
+            c.create_registered_model(name, description="FractalGen image generator (fractalgen registry)")
+        mv = c.create_model_version(
+            name,
+            info.model_uri,
+            run_id=run_id,
+            tags=version_tags,
+            description=description,
+            model_id=info.model_id,
+        )
+        mv = _wait_ready(c, name, mv.version)
+        for alias in aliases:
+            c.set_registered_model_alias(name, alias, mv.version)
+    log.info("registered %s version %s from %s", name, mv.version, checkpoint)
+    return RegisteredVersion(name, str(mv.version), run_id, f"models:/{name}/{mv.version}")
+
+
+def architecture_name(config: Any, args: Mapping[str, Any] | None = None) -> str:
+    """The registered size a model config is (``args["model"]`` of a released file first), else ``custom``."""
+    from fractalgen.models import MODEL_CONFIGS
+
+    if args and isinstance(args.get("model"), str) and args["model"] in MODEL_CONFIGS:
+        return args["model"]
+    keys = ("img_sizes", "widths", "blocks", "heads", "generators", "num_conds", "guiding_pixel")
+    for name, ref in MODEL_CONFIGS.items():
+        if all(getattr(ref, k) == getattr(config, k) for k in keys):
+            return name
+    return "custom"
+
+
+def _wait_ready(c: Any, name: str, version: str, timeout_s: float = 120.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        mv = c.get_model_version(name, version)
+        if mv.status == "READY" or time.monotonic() > deadline:
+            return mv
+        if mv.status == "FAILED_REGISTRATION":
+            raise RegistryError(f"registering {name} version {version} failed: {mv.status_message}")
+        time.sleep(0.5)
+
+
+def _requirements() -> list[str]:
+    """Pinned requirements of the serving environment (fractalgen itself comes from the project image)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("torch", "torchvision", "numpy", "pillow", "pyyaml", "pandas", "mlflow"):
+        try:
+            out.append(f"{pkg}=={version(pkg).split('+')[0]}")
+        except PackageNotFoundError:
+            out.append(pkg)
+    return out
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def record_metrics(
+    name: str, version: str | int, metrics: Mapping[str, float], *, prefix: str = "", settings: Any = None,
+    tracking_uri: str | None = None,
+) -> None:  # fmt: skip
+    """Log ``metrics`` on the version's run and tag the version ``metrics.<prefix><key>``."""
+    c = client(tracking_uri)
+    mv = get_version(name, version, c=c)
+    stamp = int(time.time() * 1000)
+    for key, value in metrics.items():
+        if mv.run_id:
+            try:
+                c.log_metric(mv.run_id, f"{prefix}{key}", float(value), timestamp=stamp)
+            except Exception as err:  # a deleted run: the tags still carry the value
+                log.warning("could not log %s on run %s: %s", key, mv.run_id, err)
+        c.set_model_version_tag(name, mv.version, f"{METRIC_PREFIX}{prefix}{key}", _fmt(float(value)))
+    if settings is not None:
+        c.set_model_version_tag(name, mv.version, f"{METRIC_PREFIX}settings", settings.describe())
+
+
+def set_best_settings(
+    name: str,
+    version: str | int,
+    settings: Any,
+    results: Mapping[str, Any],
+    *,
+    tracking_uri: str | None = None,
+) -> None:
+    """Write a sweep's best sampling settings (``sampling.*``) and its results (``sweep.*``) as tags."""
+    c = client(tracking_uri)
+    mv = get_version(name, version, c=c)
+    for key, value in settings.to_tags().items():
+        c.set_model_version_tag(name, mv.version, key, value)
+    for key, value in results.items():
+        c.set_model_version_tag(name, mv.version, f"{SWEEP_PREFIX}{key}", _fmt(value))
+
+
+# ------------------------------------------------------------------------------ review
+@dataclass
+class VersionSummary:
+    version: str
+    aliases: list[str]
+    created: str
+    run_id: str | None
+    tags: dict[str, str]
+    grid_file: Path | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def best_settings(self) -> str:
+        from fractalgen.platform.evaluation.generate import SamplingSettings
+
+        s = SamplingSettings.from_tags(self.tags)
+        return s.describe() if s.to_tags() else "-"
+
+
+def collect_versions(
+    name: str, versions: Sequence[str] | None = None, *, download_to: str | os.PathLike[str] | None = None,
+    tracking_uri: str | None = None,
+) -> list[VersionSummary]:  # fmt: skip
+    """Summaries of ``versions`` (default: all) of ``name``; grids downloaded into ``download_to``."""
+    c = client(tracking_uri)
+    all_versions = _versions(c, name)
+    if versions:
+        wanted = [get_version(name, v, c=c) for v in versions]
+    else:
+        wanted = [c.get_model_version(name, v.version) for v in all_versions]
+    out = []
+    for mv in wanted:
+        tags = dict(mv.tags or {})
+        metrics = {}
+        for key, value in tags.items():
+            if key.startswith(METRIC_PREFIX) and key != f"{METRIC_PREFIX}settings":
+                with contextlib.suppress(ValueError):
+                    metrics[key[len(METRIC_PREFIX) :]] = float(value)
+        summary = VersionSummary(
+            version=str(mv.version),
+            aliases=sorted(mv.aliases or []),
+            created=time.strftime("%Y-%m-%d %H:%M", time.localtime(mv.creation_timestamp / 1000)),
+            run_id=mv.run_id,
+            tags=tags,
+            metrics=metrics,
+        )
+        if download_to is not None and tags.get(TAG_GRID) and mv.run_id:
+            dest = Path(download_to) / f"v{mv.version}"
+            dest.mkdir(parents=True, exist_ok=True)
+            try:
+                summary.grid_file = Path(c.download_artifacts(mv.run_id, tags[TAG_GRID], str(dest)))
+            except Exception as err:
+                log.warning("no grid for version %s: %s", mv.version, err)
+        out.append(summary)
+    return out
+
+
+def _best(summaries: Sequence[VersionSummary], key: str) -> str | None:
+    values = [(s.metrics[key], s.version) for s in summaries if key in s.metrics]
+    if len(values) < 2:
+        return None
+    return (min(values) if LOWER_IS_BETTER.get(key, True) else max(values))[1]
+
+
+def comparison_rows(summaries: Sequence[VersionSummary]) -> list[tuple[str, list[str]]]:
+    """Rows (label, one cell per version) of the side-by-side comparison; ``*`` marks the best value."""
+    rows: list[tuple[str, list[str]]] = [
+        ("aliases", [", ".join(s.aliases) or "-" for s in summaries]),
+        ("created", [s.created for s in summaries]),
+        ("architecture", [s.tags.get(TAG_ARCH, "-") for s in summaries]),
+        ("source", [_short(s.tags.get(TAG_SOURCE, "-")) for s in summaries]),
+    ]
+    keys = [k for k in REVIEW_METRICS if any(k in s.metrics for s in summaries)]
+    keys += sorted({k for s in summaries for k in s.metrics} - set(keys))
+    for key in keys:
+        best = _best(summaries, key)
+        cells = []
+        for s in summaries:
+            if key in s.metrics:
+                cells.append(f"{s.metrics[key]:.4g}" + (" *" if s.version == best else ""))
+            else:
+                cells.append("-")
+        rows.append((key + (" (lower is better)" if LOWER_IS_BETTER.get(key) else ""), cells))
+    rows.append(("metrics measured with", [s.tags.get(f"{METRIC_PREFIX}settings", "-") for s in summaries]))
+    rows.append(("best sampling (sweep)", [s.best_settings for s in summaries]))
+    rows.append(("sweep FID", [s.tags.get(f"{SWEEP_PREFIX}fid", "-") for s in summaries]))
+    rows.append(("training run", [s.tags.get(TAG_TRAINING_RUN, "-") for s in summaries]))
+    rows.append(("registration run", [s.run_id or "-" for s in summaries]))
+    return rows
+
+
+def _short(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3) :]
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
+
+
+def render_terminal(
+    name: str, summaries: Sequence[VersionSummary], *, thumbnails: bool = False, width: int = 34
+) -> str:
+    """The comparison as a text table, one column per version (optionally ANSI colour thumbnails)."""
+    label_w = max(len(r[0]) for r in comparison_rows(summaries)) if summaries else 10
+    header = [f"version {s.version}" for s in summaries]
+    lines = [f"registered model {name}: {len(summaries)} version(s)", ""]
+    lines.append(" " * label_w + " | " + " | ".join(h.ljust(width) for h in header))
+    lines.append("-" * label_w + "-+-" + "-+-".join("-" * width for _ in header))
+    for label, cells in comparison_rows(summaries):
+        wrapped = [_wrap(c, width) for c in cells]
+        for i in range(max(len(w) for w in wrapped)):
+            left = label if i == 0 else ""
+            lines.append(
+                left.ljust(label_w)
+                + " | "
+                + " | ".join((w[i] if i < len(w) else "").ljust(width) for w in wrapped)
+            )
+    grid_cells = [f"runs:/{s.run_id}/{s.tags[TAG_GRID]}" if s.tags.get(TAG_GRID) and s.run_id else "-"
+                  for s in summaries]  # fmt: skip
+    parts = [_wrap(c, width) for c in grid_cells]
+    for i in range(max(len(p) for p in parts) if parts else 0):
+        label = "sample grid" if i == 0 else ""
+        cells = " | ".join((p[i] if i < len(p) else "").ljust(width) for p in parts)
+        lines.append(label.ljust(label_w) + " | " + cells)
+    if thumbnails and any(s.grid_file for s in summaries):
+        blocks = [_ansi_thumbnail(s.grid_file, width) if s.grid_file else [] for s in summaries]
+        for i in range(max(len(b) for b in blocks)):
+            row = []
+            for b in blocks:
+                row.append(b[i] if i < len(b) else " " * width)
+            lines.append(" " * label_w + " | " + " | ".join(row))
+    return "\n".join(lines)
+
+
+def _ansi_thumbnail(path: Path, width: int) -> list[str]:
+    """An image as lines of '▀' characters in 24-bit colour (two pixel rows per line)."""
+    from PIL import Image
+
+    img = Image.open(path).convert("RGB")
+    h = max(2, round(img.height * width / img.width))
+    h += h % 2
+    px = img.resize((width, h), Image.BOX).load()
+    lines = []
+    for y in range(0, h, 2):
+        parts = []
+        for x in range(width):
+            (r1, g1, b1), (r2, g2, b2) = px[x, y], px[x, y + 1]
+            parts.append(f"\x1b[38;2;{r1};{g1};{b1}m\x1b[48;2;{r2};{g2};{b2}m\u2580")
+        lines.append("".join(parts) + "\x1b[0m")
+    return lines
+
+
+def render_html(name: str, summaries: Sequence[VersionSummary]) -> str:
+    """A self-contained HTML report: the comparison table and the grids (embedded)."""
+    e = html.escape
+    head = "".join(f"<th>version {e(s.version)}</th>" for s in summaries)
+    body = []
+    for label, cells in comparison_rows(summaries):
+        tds = "".join(f"<td{' class=best' if c.endswith(' *') else ''}>{e(c)}</td>" for c in cells)
+        body.append(f"<tr><th>{e(label)}</th>{tds}</tr>")
+    imgs = []
+    for s in summaries:
+        if s.grid_file and Path(s.grid_file).is_file():
+            data = base64.b64encode(Path(s.grid_file).read_bytes()).decode("ascii")
+            imgs.append(
+                f'<td><img alt="samples of version {e(s.version)}" src="data:image/png;base64,{data}"></td>'
+            )
+        else:
+            imgs.append("<td>-</td>")
+    body.append(f"<tr><th>sample grid</th>{''.join(imgs)}</tr>")
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+        "padding:4px 8px;text-align:left;vertical-align:top}td.best{font-weight:bold;background:#e8f5e9}"
+        "img{max-width:420px;image-rendering:pixelated}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset=utf-8><title>{e(name)}: model versions</title>"
+        f"<style>{style}</style></head><body><h1>{e(name)}</h1>"
+        f"<p>Generated {e(time.strftime('%Y-%m-%d %H:%M'))}. * marks the best value of a metric.</p>"
+        f"<table><tr><th></th>{head}</tr>{''.join(body)}</table></body></html>"
+    )
+
+
+def review(
+    name: str, *, versions: Sequence[str] | None = None, html_path: str | os.PathLike[str] | None = None,
+    thumbnails: bool = False, tracking_uri: str | None = None, out: Any = None,
+) -> list[VersionSummary]:  # fmt: skip
+    """Print the side-by-side comparison of ``name``'s versions; write the HTML report if asked."""
+    out = out or sys.stdout
+    with tempfile.TemporaryDirectory(prefix="fractalgen-review-") as tmp:
+        summaries = collect_versions(name, versions, download_to=tmp, tracking_uri=tracking_uri)
+        print(render_terminal(name, summaries, thumbnails=thumbnails), file=out)
+        if html_path:
+            Path(html_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(html_path).write_text(render_html(name, summaries))
+            print(f"wrote {html_path}", file=out)
+    return summaries
+
+
+def promote(
+    name: str, version: str | int, *, alias: str = CHAMPION, yes: bool = True,
+    confirm: Callable[[str], bool] | None = None, tracking_uri: str | None = None, out: Any = None,
+) -> str | None:  # fmt: skip
+    """Show the comparison of ``version`` with the current holder of ``alias``, then move ``alias``
+    to ``version``. Returns the previous holder's version (None if none). ``RegistryError`` for an
+    unknown model or version; nothing changes when ``confirm`` answers no."""
+    from mlflow.exceptions import MlflowException
+
+    out = out or sys.stdout
+    c = client(tracking_uri)
+    target = get_version(name, version, c=c)
+    try:
+        previous = str(c.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        previous = None
+    shown = [v for v in dict.fromkeys([previous, str(target.version)]) if v is not None]
+    review(name, versions=shown, tracking_uri=tracking_uri, out=out)
+    if previous == str(target.version):
+        print(f"version {target.version} already holds @{alias}", file=out)
+        return previous
+    question = f"move @{alias} of {name} from {previous or 'no version'} to version {target.version}?"
+    if not yes and confirm is not None and not confirm(question):
+        print("not promoted", file=out)
+        return previous
+    c.set_registered_model_alias(name, alias, target.version)
+    c.set_model_version_tag(name, target.version, TAG_PROMOTED, time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if previous:
+        c.set_model_version_tag(name, previous, "fractalgen.replaced_by", str(target.version))
+    print(f"@{alias} of {name}: version {previous or '-'} -> version {target.version}", file=out)
+    return previous
+
+
+# ------------------------------------------------------------------------------ CLI
+def _tracking(args: argparse.Namespace) -> str | None:
+    return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def _ask(question: str) -> bool:
+    if not sys.stdin.isatty():
+        return True  # a script asked for the promotion; the comparison is in its log
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
+def _run_register(args: argparse.Namespace) -> int:
+    from fractalgen.platform.sampling_cli import settings_from_args
+
+    metrics = {}
+    if args.metrics_json:
+        data = json.loads(Path(args.metrics_json).read_text())
+        metrics = {
+            k: float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+    settings = settings_from_args(args, None)
+    kind = "released" if args.command_name == "import" else None
+    try:
+        rv = register_checkpoint(
+            args.checkpoint, args.name, tracking_uri=_tracking(args), model_name=args.model_name,
+            training_run_id=getattr(args, "training_run_id", None), metrics=metrics,
+            aliases=args.alias or [CANDIDATE], description=args.description, grid_images=args.grid_images,
+            grid_settings=settings, grid_seed=args.seed, source_kind=kind,
+        )  # fmt: skip
+    except RegistryError as err:
+        raise CLIError(str(err)) from None
+    print(f"registered {rv.model_uri} (run {rv.run_id}); aliases: {', '.join(args.alias or [CANDIDATE])}")
+    return 0
+
+
+def _run_review(args: argparse.Namespace) -> int:
+    versions = [v for v in (args.versions or "").split(",") if v] or None
+    try:
+        review(args.name, versions=versions, html_path=args.html, tracking_uri=_tracking(args),
+               thumbnails=args.thumbnails if args.thumbnails is not None else sys.stdout.isatty())  # fmt: skip
+    except RegistryError as err:
+        raise CLIError(str(err)) from None
+    return 0
+
+
+def _run_promote(args: argparse.Namespace) -> int:
+    try:
+        promote(
+            args.name,
+            args.version,
+            alias=args.alias,
+            yes=args.yes,
+            confirm=_ask,
+            tracking_uri=_tracking(args),
+        )
+    except RegistryError as err:
+        raise CLIError(str(err)) from None
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    from fractalgen.platform.sampling_cli import add_sampling_args
+
+    p = subparsers.add_parser(
+        "registry", help="register, review and promote model versions (MLflow registry)"
+    )
+    sub = p.add_subparsers(dest="registry_command", metavar="{register,import,review,promote}", required=True)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument(
+            "--tracking-uri", help="MLflow tracking/registry server (default: MLFLOW_TRACKING_URI)"
+        )
+
+    for cmd, helptext in (
+        ("register", "register a checkpoint (consolidated weights) as a new model version"),
+        ("import", "import a released checkpoint-last.pth as a new model version"),
+    ):
+        r = sub.add_parser(cmd, help=helptext, description=helptext + "; it gets the alias candidate.")
+        r.add_argument(
+            "checkpoint", help="released-format .pth, or a training checkpoint / run folder (local or s3://)"
+        )
+        r.add_argument("--name", required=True, help="registered model name")
+        r.add_argument("--model-name", help="architecture (e.g. fractalmar_in64) when the file does not say")
+        if cmd == "register":
+            r.add_argument(
+                "--training-run-id", help="MLflow run of the training (default: found by the run name)"
+            )
+        r.add_argument("--metrics-json", help="JSON of metrics to attach (e.g. `fractalgen eval fid --out`)")
+        r.add_argument("--alias", action="append", help="aliases for the new version (default: candidate)")
+        r.add_argument("--description")
+        r.add_argument(
+            "--grid-images", type=int, default=16, help="images in the logged sample grid (0: none)"
+        )
+        r.add_argument("--seed", type=int, default=0, help="seed of the sample grid")
+        add_sampling_args(r)
+        common(r)
+        r.set_defaults(func=_run_register, command_name=cmd)
+
+    v = sub.add_parser("review", help="compare a model's versions side by side (terminal and HTML)")
+    v.add_argument("name")
+    v.add_argument("--versions", help="comma-separated versions (default: all)")
+    v.add_argument("--html", help="also write an HTML report with the sample grids")
+    v.add_argument("--thumbnails", action=argparse.BooleanOptionalAction, default=None,
+                   help="colour thumbnails of the grids in the terminal (default: when a terminal)")  # fmt: skip
+    common(v)
+    v.set_defaults(func=_run_review)
+
+    m = sub.add_parser("promote", help="show the comparison, then move the champion alias to VERSION")
+    m.add_argument("name")
+    m.add_argument("version")
+    m.add_argument("--alias", default=CHAMPION, help="alias to move (default: champion)")
+    m.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    common(m)
+    m.set_defaults(func=_run_promote)

@@ -1,0 +1,385 @@
+"""``fractalgen train``: check a recipe, then run it as a Ray Train job (TorchTrainer + DeepSpeed).
+
+Terms:
+- *driver*: the process running ``fractalgen train`` (a shell, or the entrypoint of ``ray job
+  submit``, which sets ``RAY_ADDRESS``). It checks, plans, opens the MLflow run and waits on ``fit``.
+- *run folder*: ``<checkpoint.storage_path>/<name>``: Ray Train's state, the checkpoints
+  ``checkpoint_<step>`` and ``fractalgen_status.json`` (how the last launch ended).
+- *resume*: launching a run whose folder exists (same ``name`` and ``storage_path``) continues from
+  its latest checkpoint: after a crash, after Ctrl-C, or after it finished (raise ``train.epochs``
+  or ``train.max_steps`` to extend it).
+
+A launch, in order; everything that can fail cheaply fails before Ray is asked for resources:
+1. the recipe (YAML + ``--set`` overrides) becomes a ``TrainRunConfig``: unknown keys and bad values
+   raise ``ConfigError`` naming the dotted key;
+2. ``plan_run``: the model name is registered, the dataset at ``data.train_uri`` is complete and fits
+   the model, the storage path and ``checkpoint.init_from`` can be reached (``PlanError`` names the key);
+3. MLflow: the tracking store answers (see ``tracking``) and the run is opened;
+4. Ray: connect (``cluster.address`` / ``RAY_ADDRESS``) or start a local Ray; ``TorchTrainer.fit``
+   with NCCL on GPUs and gloo on CPUs, ``FailureConfig(max_failures)`` from the config;
+5. the outcome rank 0 wrote: finished, or stopped on a non-finite loss (``TrainError``, the last
+   good checkpoint kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from fractalgen.config import ConfigError, TrainRunConfig, dumps, load, to_dict
+from fractalgen.platform.cli import CLIError
+from fractalgen.platform.worker import STATE_FILE, STATUS_FILE, WorkerPlan, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+class PlanError(ValueError):
+    """The recipe is well-formed but cannot run (dataset, model, storage); the message names the key."""
+
+
+class TrainError(RuntimeError):
+    """The run started but did not finish (non-finite loss, failures beyond ``cluster.max_failures``)."""
+
+
+@dataclass(kw_only=True)
+class TrainOutcome:
+    """How a launch ended: the run folder, the last checkpoint, the final metrics and the MLflow run."""
+
+    run_uri: str
+    status: str
+    step: int
+    checkpoint: str | None
+    metrics: dict[str, Any]
+    resumed_from: list[int]
+    tracking_uri: str | None
+    mlflow_run_id: str | None
+
+
+def _abs_storage(path: str) -> str:
+    from fractalgen.pipelines import storage
+
+    return path if storage.is_remote(path) else os.path.abspath(storage.local_path(path))
+
+
+def plan_run(cfg: TrainRunConfig) -> WorkerPlan:
+    """Check everything the workers will need and derive the schedule; ``PlanError`` names the key.
+
+    Does not start Ray or MLflow.
+    """
+    from fractalgen.models import MODEL_CONFIGS, get_config
+    from fractalgen.pipelines import DataError, storage
+    from fractalgen.pipelines.summary import read_summary
+
+    if cfg.model.name not in MODEL_CONFIGS:
+        raise PlanError(
+            f"model.name: unknown model {cfg.model.name!r}; registered: {', '.join(sorted(MODEL_CONFIGS))}"
+        )
+    model_cfg = get_config(cfg.model.name)
+    if not cfg.data.train_uri:
+        raise PlanError("data.train_uri: required (a prepared dataset: folder or s3:// prefix)")
+    data_endpoint = (
+        storage.endpoint_url(cfg.data.s3_endpoint_url) if storage.is_remote(cfg.data.train_uri) else None
+    )
+    try:
+        storage.check_scheme(cfg.data.train_uri)
+        summary = read_summary(cfg.data.train_uri, endpoint=data_endpoint)
+        if not storage.exists(storage.join(cfg.data.train_uri, "index.json"), endpoint=data_endpoint):
+            raise DataError(f"{cfg.data.train_uri} has no index.json: its conversion has not finished")
+        if cfg.data.eval_uri:
+            eval_summary = read_summary(cfg.data.eval_uri, endpoint=data_endpoint)
+            if eval_summary["image_size"] != summary["image_size"]:
+                raise PlanError(
+                    f"data.eval_uri: {eval_summary['image_size']}px images, train set has {summary['image_size']}px"
+                )
+    except (DataError, ValueError) as err:
+        if isinstance(err, PlanError):
+            raise
+        raise PlanError(f"data.train_uri: {err}") from None
+    except Exception as err:  # unreachable endpoint, missing credentials ...
+        raise PlanError(
+            f"data.train_uri: cannot read {cfg.data.train_uri}: {type(err).__name__}: {err}"
+        ) from None
+
+    if summary["image_size"] != model_cfg.img_size:
+        raise PlanError(
+            f"data.train_uri: the dataset holds {summary['image_size']}x{summary['image_size']} images but "
+            f"model.name={cfg.model.name} takes {model_cfg.img_size}x{model_cfg.img_size}"
+        )
+    num_classes = cfg.model.num_classes or int(summary["num_classes"])
+    if num_classes < int(summary["num_classes"]):
+        raise PlanError(
+            f"model.num_classes: {num_classes} but the dataset has {summary['num_classes']} classes"
+        )
+    num_images = int(summary["num_images"])
+    steps_per_epoch = num_images // cfg.train.global_batch_size
+    if steps_per_epoch < 1:
+        raise PlanError(
+            f"train.global_batch_size: {cfg.train.global_batch_size} is larger than the dataset ({num_images} images)"
+        )
+    total_steps = max(1, round(cfg.train.epochs * steps_per_epoch))
+    stop_step = min(total_steps, cfg.train.max_steps or total_steps)
+    class_names = tuple(str(c) for c in summary.get("class_names", ()))
+    if len(class_names) != num_classes:
+        class_names = ()
+
+    storage_path = _abs_storage(cfg.checkpoint.storage_path)
+    storage_endpoint = None
+    try:
+        storage.check_scheme(storage_path)
+        if storage.is_remote(storage_path):
+            storage_endpoint = storage.endpoint_url(cfg.checkpoint.s3_endpoint_url)
+            storage.list_dirs(storage_path, endpoint=storage_endpoint)  # bucket exists, credentials work
+        else:
+            os.makedirs(storage_path, exist_ok=True)
+    except Exception as err:
+        raise PlanError(
+            f"checkpoint.storage_path: cannot use {storage_path}: {type(err).__name__}: {err}"
+        ) from None
+    if cfg.checkpoint.init_from:
+        endpoint = storage.endpoint_url(cfg.checkpoint.s3_endpoint_url)
+        if not storage.exists(storage.join(cfg.checkpoint.init_from, STATE_FILE), endpoint=endpoint):
+            raise PlanError(
+                f"checkpoint.init_from: {cfg.checkpoint.init_from} is not a fractalgen checkpoint (no {STATE_FILE})"
+            )
+
+    resolved = copy.deepcopy(cfg)
+    resolved.checkpoint.storage_path = storage_path
+    resolved.data.s3_endpoint_url = data_endpoint
+    resolved.checkpoint.s3_endpoint_url = storage_endpoint
+    return WorkerPlan(
+        config=resolved,
+        run_uri=storage.join(storage_path, cfg.name),
+        storage_endpoint=storage_endpoint,
+        data_endpoint=data_endpoint,
+        num_images=num_images,
+        num_classes=num_classes,
+        class_names=class_names,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        stop_step=stop_step,
+    )
+
+
+def open_tracking(plan: WorkerPlan) -> WorkerPlan:
+    """Resolve, check and open the MLflow run (driver); returns the plan with its run id.
+
+    Unreachable store: ``PlanError`` naming ``mlflow.tracking_uri``, or (``mlflow.required=false``) a
+    warning and an untracked run.
+    """
+    from fractalgen.platform import tracking
+
+    cfg = plan.config
+    if not cfg.mlflow.enabled:
+        return plan
+    try:
+        uri = tracking.resolve_tracking_uri(cfg)
+    except ValueError as err:
+        raise PlanError(str(err)) from None
+    try:
+        tracking.check_reachable(uri, cfg.mlflow.connect_timeout_s)
+        run_id = tracking.open_run(
+            cfg,
+            uri,
+            extra_params={
+                "plan.num_images": plan.num_images,
+                "plan.steps_per_epoch": plan.steps_per_epoch,
+                "plan.total_steps": plan.total_steps,
+                "plan.grad_accum_steps": cfg.grad_accum_steps,
+                "plan.peak_lr": cfg.lr,
+            },
+        )
+    except Exception as err:
+        msg = (
+            f"mlflow.tracking_uri: {err}"
+            if isinstance(err, tracking.TrackingUnavailable)
+            else (
+                f"mlflow.tracking_uri: cannot open a run at {uri}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            )
+        )
+        if cfg.mlflow.required:
+            raise PlanError(msg) from None
+        log.warning("%s; training without MLflow tracking (mlflow.required=false)", msg)
+        return plan
+    plan.tracking_uri, plan.mlflow_run_id = uri, run_id
+    cfg.mlflow.tracking_uri = uri
+    return plan
+
+
+def build_trainer(plan: WorkerPlan) -> Any:
+    """The Ray ``TorchTrainer`` for the plan (NCCL on GPUs, gloo on CPUs; failure and storage config)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from fractalgen.pipelines import storage
+
+    cfg = plan.config
+    c = cfg.cluster
+    use_gpu = c.gpus_per_worker > 0
+    storage_path = cfg.checkpoint.storage_path
+    filesystem = None
+    if storage.is_remote(storage_path):
+        # pass the endpoint explicitly: pyarrow has ignored AWS_ENDPOINT_URL_S3 in some versions (DESIGN)
+        filesystem, storage_path = storage.pyarrow_filesystem(storage_path, endpoint=plan.storage_endpoint)
+    resources = {"CPU": float(c.cpus_per_worker)}
+    if use_gpu:
+        resources["GPU"] = float(c.gpus_per_worker)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=to_dict(plan),
+        scaling_config=ScalingConfig(
+            num_workers=c.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=c.max_failures),
+            # the worker keeps the latest N and the best itself (Ray keeps either, not both)
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+        ),
+    )
+
+
+def _connect_ray(cfg: TrainRunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False)
+
+
+def run_training(cfg: TrainRunConfig, *, plan: WorkerPlan | None = None) -> TrainOutcome:
+    """Check, plan and run ``cfg`` on Ray; returns the outcome or raises ``PlanError`` / ``TrainError``."""
+    from fractalgen.pipelines import storage
+    from fractalgen.platform import tracking
+
+    plan = plan or plan_run(cfg)
+    plan = open_tracking(plan)
+    storage.delete_file(storage.join(plan.run_uri, STATUS_FILE), endpoint=plan.storage_endpoint)
+    _connect_ray(plan.config)
+    trainer = build_trainer(plan)
+    error: Exception | None = None
+    try:
+        trainer.fit()
+    except Exception as err:  # TrainingFailedError after max_failures, a lost controller ...
+        error = err
+    try:
+        status = storage.read_json(storage.join(plan.run_uri, STATUS_FILE), endpoint=plan.storage_endpoint)
+    except FileNotFoundError:
+        status = {"status": "failed"}
+    outcome = TrainOutcome(
+        run_uri=plan.run_uri,
+        status=str(status.get("status")),
+        step=int(status.get("step", 0)),
+        checkpoint=status.get("checkpoint") or status.get("last_good_checkpoint"),
+        metrics=dict(status.get("metrics", {})),
+        resumed_from=list(status.get("resumed_from", [])),
+        tracking_uri=plan.tracking_uri,
+        mlflow_run_id=plan.mlflow_run_id,
+    )
+    if plan.mlflow_run_id and plan.tracking_uri:
+        tracking.finish_run(
+            plan.tracking_uri, plan.mlflow_run_id, "FINISHED" if outcome.status == "finished" else "FAILED"
+        )
+    if error is not None:
+        raise TrainError(
+            f"training failed: {type(error).__name__}: {error}\nthe run folder {plan.run_uri} keeps the last "
+            "checkpoint: launch again with the same name to resume"
+        ) from error
+    if outcome.status == "nonfinite_loss":
+        raise TrainError(
+            f"the loss became non-finite (NaN/inf) between steps {status.get('after_step', 0) + 1} and "
+            f"{status.get('step')}; training stopped. The last good checkpoint is kept: "
+            f"{status.get('last_good_checkpoint') or '(none yet)'}. Lower train.base_lr or raise "
+            "train.warmup_epochs, then launch again with the same name to resume from it"
+        )
+    if outcome.status != "finished":
+        raise TrainError(f"training ended without a status ({plan.run_uri}); see the worker logs above")
+    return outcome
+
+
+def describe_outcome(outcome: TrainOutcome, plan: WorkerPlan) -> str:
+    """Where everything is, and how to resume, export and look at the run."""
+    lines = [
+        f"run {plan.config.name}: finished at step {outcome.step}/{plan.total_steps}"
+        + (f" (loss {outcome.metrics['loss']:.4f})" if "loss" in outcome.metrics else ""),
+        f"  run folder:  {outcome.run_uri}",
+        f"  checkpoint:  {outcome.checkpoint}",
+        f"  export:      fractalgen export {outcome.checkpoint} --out model.pth",
+        "  resume/extend: launch the same command again (same name; raise train.epochs or train.max_steps)",
+    ]
+    if outcome.mlflow_run_id:
+        lines.append(f"  MLflow:      {outcome.tracking_uri} run {outcome.mlflow_run_id}")
+        if outcome.tracking_uri and outcome.tracking_uri.startswith("sqlite:"):
+            lines.append(
+                f"  MLflow UI:   mlflow ui --backend-store-uri {outcome.tracking_uri}  (then http://127.0.0.1:5000)"
+            )
+    return "\n".join(lines)
+
+
+def load_run_config(path: str | None, overrides: list[str]) -> TrainRunConfig:
+    """The recipe at ``path`` with dotted overrides; ``CLIError`` naming the key on any problem."""
+    try:
+        return load(TrainRunConfig, path, overrides)
+    except ConfigError as err:
+        raise CLIError(str(err)) from None
+
+
+def _train(args: argparse.Namespace) -> int:
+    overrides = list(args.set or [])
+    if args.name:
+        overrides.append(f"name={args.name}")
+    cfg = load_run_config(args.config, overrides)
+    try:
+        plan = plan_run(cfg)
+        if args.dry_run:
+            print(dumps(plan.config), end="")
+            print(
+                f"# plan: {plan.num_images} images, {plan.steps_per_epoch} steps/epoch, "
+                f"{plan.total_steps} steps (stop at {plan.stop_step}), {cfg.grad_accum_steps} micro-batches "
+                f"per step per worker, peak lr {cfg.lr:.3g}, run folder {plan.run_uri}"
+            )
+            return 0
+        outcome = run_training(cfg, plan=plan)
+    except PlanError as err:
+        raise CLIError(str(err)) from None
+    except TrainError as err:
+        print(f"fractalgen train: error: {err}", file=sys.stderr)
+        return 1
+    print(describe_outcome(outcome, plan))
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a model with Ray Train + DeepSpeed from a recipe in configs/",
+        description=(
+            "Train a FractalAR/FractalMAR model as a Ray Train job (DeepSpeed ZeRO, checkpoints in a "
+            "folder or s3://, MLflow tracking). Launching a run whose folder exists (same name and "
+            "storage path) resumes it from its latest checkpoint. The recipe is checked (keys, dataset, "
+            "storage, MLflow) before any Ray resources are requested."
+        ),
+    )
+    p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/fractalmar_large_in256.yaml")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a recipe value by its dotted key, e.g. --set train.zero_stage=3 (repeatable)",
+    )
+    p.add_argument("--name", help="the run's name (same as --set name=...)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="check the recipe and print the resolved config; no Ray"
+    )
+    p.set_defaults(func=_train)

@@ -1,0 +1,224 @@
+"""Ray Train + DeepSpeed runs on 2 CPU workers (gloo): ZeRO 1/2/3, checkpoints (local and moto S3),
+bit-exact restores, a killed worker, relaunching a finished run, a non-finite loss, export.
+
+One local Ray cluster serves the module. Each ZeRO stage has one uninterrupted *reference run* of
+12 steps (checkpoints every 4, every step's loss logged); the other runs of that stage must
+reproduce its losses and its per-step sample ledger exactly after their restore.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from test_train_support import RAY_TRAIN_TEST_ENV, losses, read_checkpoint_files, tiny_config, tiny_dataset
+
+from fractalgen.pipelines import storage
+
+pytestmark = pytest.mark.slow
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def cluster(_moto_server: str):
+    import ray
+
+    mp = pytest.MonkeyPatch()
+    for key, value in RAY_TRAIN_TEST_ENV.items():
+        mp.setenv(key, value)
+    # dummy credentials for moto, for every Ray process of the run (the endpoint itself travels in
+    # the run's config, never in the environment)
+    aws = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": aws})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return tiny_dataset(tmp_path_factory.mktemp("data"))
+
+
+@dataclass
+class Reference:
+    run_uri: str
+    endpoint: str | None
+    state: dict[str, Any]
+    ledgers: list[Any]
+
+
+_references: dict[int, Reference] = {}
+
+
+def reference_run(stage: int, dataset: str, storage_path: str, endpoint: str | None = None) -> Reference:
+    """The uninterrupted run of ``stage`` (made once per module)."""
+    from fractalgen.platform.train import run_training
+
+    if stage not in _references:
+        cfg = tiny_config(
+            name=f"ref{stage}",
+            data=dataset,
+            storage_path=storage_path,
+            stage=stage,
+            steps=STEPS,
+            every=4,
+            endpoint=endpoint,
+        )
+        out = run_training(cfg)
+        assert out.status == "finished" and out.step == STEPS
+        files = read_checkpoint_files(out.checkpoint, endpoint=endpoint)
+        _references[stage] = Reference(out.run_uri, endpoint, files["state"], files["ledgers"])
+    return _references[stage]
+
+
+def assert_loss_goes_down(state: dict[str, Any]) -> None:
+    hist = losses(state)
+    assert sorted(hist) == list(range(1, STEPS + 1))
+    first = sum(hist[s] for s in (1, 2, 3)) / 3
+    last = sum(hist[s] for s in (STEPS - 2, STEPS - 1, STEPS)) / 3
+    assert last < first - 0.05, hist
+
+
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.s3)])
+def test_zero_run_trains_and_checkpoint_restores_bit_exactly(
+    stage, cluster, dataset, tmp_path, request
+) -> None:
+    """ZeRO-2 (local folder) and ZeRO-3 (moto S3): the loss falls, and a run started from the step-4
+    checkpoint reproduces steps 5-12 of the uninterrupted run exactly (losses and samples); the
+    consolidated weights export from the (ZeRO-3: sharded, S3) checkpoint and load strictly."""
+    from fractalgen.models import load_released
+    from fractalgen.platform.checkpointing import export_consolidated
+    from fractalgen.platform.train import run_training
+
+    endpoint = None
+    storage_path = str(tmp_path / "runs")
+    if stage == 3:
+        s3 = request.getfixturevalue("s3_server")
+        endpoint = s3.endpoint_url
+        storage_path = f"s3://{s3.new_bucket('ckpt')}/runs"
+    ref = reference_run(stage, dataset, storage_path, endpoint)
+    assert_loss_goes_down(ref.state)
+    if stage == 3:
+        assert "checkpoint_000000004" in storage.list_dirs(ref.run_uri, endpoint=endpoint)
+
+    start = storage.join(ref.run_uri, "checkpoint_000000004")
+    cfg = tiny_config(
+        name=f"fork{stage}",
+        data=dataset,
+        storage_path=storage_path,
+        stage=stage,
+        steps=STEPS,
+        every=8,
+        endpoint=endpoint,
+        extra=[f"checkpoint.init_from={start}"],
+    )
+    out = run_training(cfg)
+    files = read_checkpoint_files(out.checkpoint, endpoint=endpoint)
+    assert files["state"]["step"] == STEPS and files["state"]["resumed_from"] == [4]
+    ref_losses, fork_losses = losses(ref.state), losses(files["state"])
+    assert fork_losses[5] == ref_losses[5]  # the next step after the restore, bit for bit
+    assert {s: fork_losses[s] for s in range(5, STEPS + 1)} == {s: ref_losses[s] for s in range(5, STEPS + 1)}
+    assert files["ledgers"] == ref.ledgers  # the same samples at the same steps on each worker
+
+    weights = export_consolidated(out.checkpoint, tmp_path / "weights.pth", endpoint=endpoint)
+    model = load_released(weights)  # strict: every parameter present, shapes right
+    assert model.config.img_size == 16 and model.config.num_classes == 10
+
+
+def _train_worker_pids() -> list[int]:
+    """Ray Train worker processes of this module's Ray (children of its raylet, nobody else's)."""
+    import psutil
+    import ray._private.worker as ray_worker
+
+    raylet = ray_worker._global_node.all_processes["raylet"][0].process.pid
+    pids = []
+    for proc in psutil.Process(raylet).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()[:1]):
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
+    return sorted(pids)
+
+
+def test_killed_worker_resumes_at_same_step_with_next_unseen_sample(cluster, dataset, tmp_path) -> None:
+    """ZeRO-1: a worker process killed after the step-4 checkpoint; the restarted worker group goes on
+    from the latest checkpoint and ends where the uninterrupted run ends: same step count, same loss
+    at every step, the same samples at every step (none repeated, none skipped)."""
+    from fractalgen.platform.train import run_training
+
+    ref = reference_run(1, dataset, str(tmp_path / "ref"))
+    assert_loss_goes_down(ref.state)
+
+    storage_path = str(tmp_path / "runs")
+    cfg = tiny_config(name="killed", data=dataset, storage_path=storage_path, stage=1, steps=STEPS, every=2)
+    marker = os.path.join(storage_path, "killed", "checkpoint_000000004", "state.json")
+    killed: list[int] = []
+
+    def kill_after_checkpoint() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not os.path.exists(marker):
+            time.sleep(0.02)
+        pids = _train_worker_pids()
+        if pids:
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+
+    killer = threading.Thread(target=kill_after_checkpoint, daemon=True)
+    killer.start()
+    out = run_training(cfg)
+    killer.join(timeout=5)
+    assert killed, "no Ray Train worker was found to kill"
+
+    files = read_checkpoint_files(out.checkpoint)
+    state = files["state"]
+    assert state["step"] == STEPS and state["samples_seen"] == STEPS * 8
+    assert len(state["resumed_from"]) == 1 and 2 <= state["resumed_from"][0] < STEPS, state["resumed_from"]
+    assert losses(state) == losses(ref.state)
+    assert files["ledgers"] == ref.ledgers
+    # the first epoch (10 steps x 8 images) saw each of the 80 images exactly once
+    first_epoch = [key for ledger in files["ledgers"] for step, keys in ledger if step <= 10 for key in keys]
+    assert len(first_epoch) == 80 and len(set(first_epoch)) == 80
+
+
+def test_relaunch_resumes_finished_run_and_nonfinite_loss_stops_keeping_last_good(
+    cluster, dataset, tmp_path
+) -> None:
+    """Relaunching the finished ZeRO-1 reference run (same name) with 4 more steps resumes it at step 12;
+    an absurd learning rate then blows the loss up at step 14: the run stops with an error naming
+    the last good checkpoint (step 13), which is kept, and writes no checkpoint after it."""
+    from fractalgen.platform.train import TrainError, run_training
+
+    ref = reference_run(1, dataset, str(tmp_path / "ref"))
+    storage_path = os.path.dirname(ref.run_uri)
+    cfg = tiny_config(
+        name="ref1",
+        data=dataset,
+        storage_path=storage_path,
+        stage=1,
+        steps=STEPS + 4,
+        every=1,
+        extra=["train.base_lr=1.0e+35"],
+    )
+    with pytest.raises(TrainError, match="non-finite") as err:
+        run_training(cfg)
+    message = str(err.value)
+    assert "checkpoint_000000013" in message and "base_lr" in message
+    names = storage.list_dirs(ref.run_uri)
+    assert "checkpoint_000000013" in names and "checkpoint_000000014" not in names
+    state = read_checkpoint_files(storage.join(ref.run_uri, "checkpoint_000000013"))["state"]
+    assert state["resumed_from"] == [STEPS] and state["step"] == STEPS + 1
