@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fractalgen.models import RELEASED_NAMES, build_model, get_config
+from fractalgen.models import MODEL_CONFIGS, RELEASED_NAMES, build_model, get_config
 from fractalgen.models.configs import FractalConfig
 from fractalgen.models.fractal import FractalGen
 from fractalgen.models.inspect import format_table, level_costs
@@ -141,3 +141,25 @@ def test_inspect_cli_prints_table(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert out == format_table("fractalmar_large_in256", get_config("fractalmar_large_in256")) + "\n"
     assert "403.1M" in out and "215.2" in out and "total" in out
+
+
+def test_model_code_never_calls_cuda() -> None:
+    """Device placement belongs to the caller (``.to(device)``): no ``.cuda(`` in the model package."""
+    sources = sorted((_ROOT / "fractalgen" / "models").glob("*.py"))
+    assert len(sources) > 5
+    offenders = [
+        f"{path.name}:{i}"
+        for path in sources
+        for i, line in enumerate(path.read_text().splitlines(), start=1)
+        if ".cuda(" in line
+    ]
+    assert offenders == []
+
+
+def test_unknown_model_name_lists_the_registered_ones() -> None:
+    for make in (get_config, build_model):
+        with pytest.raises(KeyError) as err:
+            make("fractalmar_tiny99")
+        msg = str(err.value)
+        assert "fractalmar_tiny99" in msg
+        assert all(name in msg for name in MODEL_CONFIGS), msg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,29 @@ def test_train_and_sample_benchmarks_print_table_and_json(capsys: pytest.Capture
                         "--precision", "fp32", "--warmup", "0", "--device", "cpu"]) == 0  # fmt: skip
     rows = _json_rows(capsys.readouterr().out)
     assert rows[0]["bench"] == "sample" and rows[0]["s_per_img"] > 0
+
+
+def test_data_benchmark_reports_every_storage_choice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import data
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)  # main() clears them; restore them afterwards
+    out = tmp_path / "rows.json"
+    assert data.main(["--sizes", "8", "--images", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["choice"] for r in rows] == list(data.CHOICES)
+    table = capsys.readouterr().out
+    for r in rows:
+        assert r["size"] == 8 and r["images"] == 2, r
+        assert r["lossless"] == data.CHOICES[r["choice"]][2]
+        for field in ("prepare_img_s", "encode_img_s", "first_epoch_img_s", "cached_epoch_img_s"):
+            assert r[field] > 0, (r["choice"], field)
+        assert r["cache_B_img"] >= r["stored_B_img"] > 0, r  # the cache holds shards decompressed
+        assert f" {r['choice']} " in table
+    by_choice = {r["choice"]: r for r in rows}
+    assert by_choice["ndarray"]["cache_B_img"] >= 8 * 8 * 3  # raw uint8 pixels at least
 
 
 def test_scaling_model_matches_hand_count() -> None:

@@ -231,3 +231,103 @@ def test_evaluation_is_unconditional_and_training_drops_labels() -> None:
     dropped = (c.vectors[:, 0] == model.fake_latent).all(dim=1).float().mean().item()
     assert 0.45 < dropped < 0.55
     assert c.vectors.shape == (4000, 5, 64)
+
+
+def _hand_mar_sequence(level: MARLevel, patches: torch.Tensor, mask: torch.Tensor, conds: Conditions):
+    """SPEC, MAR generator, by hand in float64: [guiding pixel, cond_4, ..., cond_0, patches] with
+    masked patches replaced by mask_token, + pos_embed, LayerNorm, pre-norm ViT blocks, final norm."""
+
+    def lin(x: torch.Tensor, m: torch.nn.Linear) -> torch.Tensor:
+        return x @ m.weight.T + m.bias
+
+    def ln(x: torch.Tensor, m: torch.nn.LayerNorm) -> torch.Tensor:
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + 1e-6) * m.weight + m.bias
+
+    B, L, _ = patches.shape
+    tokens = []
+    for b in range(B):
+        seq = []
+        if level.guiding_pixel:
+            seq.append(lin(conds.pixel[b], level.pix_proj))
+        for k in (4, 3, 2, 1, 0):
+            seq.append(lin(conds.vectors[b, k], level.cond_emb))
+        for i in range(L):
+            seq.append(level.mask_token[0, 0] if mask[b, i] else lin(patches[b, i], level.patch_emb))
+        tokens.append(torch.stack(seq))
+    x = ln(torch.stack(tokens) + level.pos_embed_learned, level.patch_emb_ln)
+    for blk in level.blocks:
+        h = ln(x, blk.norm1)
+        H = blk.attn.num_heads
+        hd = x.size(-1) // H
+        q, k, v = lin(h, blk.attn.qkv).reshape(B, -1, 3, H, hd).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1) @ v
+        x = x + lin(att.transpose(1, 2).reshape(B, -1, H * hd), blk.attn.proj)
+        h = lin(ln(x, blk.norm2), blk.mlp.fc1)
+        h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))  # exact GELU
+        x = x + lin(h, blk.mlp.fc2)
+    return ln(x, level.norm)[:, level.num_prefix :]  # (B, L, D): the patch positions
+
+
+@pytest.mark.parametrize("name", ["fractalmar_tiny16", "fractalmar_tiny32"])  # tiny32: guiding pixel
+def test_mar_predict_matches_hand_built_sequence(name: str) -> None:
+    torch.manual_seed(0)
+    level = build_model(name).next_fractal.generator.double().eval()
+    assert isinstance(level, MARLevel) and level.guiding_pixel == (name == "fractalmar_tiny32")
+    with torch.no_grad():  # move every parameter off its init (zero biases, unit norms hide mistakes)
+        for prm in level.parameters():
+            prm.add_(0.1 * torch.randn_like(prm))
+    B, L, p = 3, level.seq_len, level.patch_size
+    patches = torch.randn(B, L, 3 * p * p, dtype=torch.float64)
+    mask = torch.rand(B, L) < 0.5
+    cond_dim = level.cond_emb.in_features
+    # five different conditions, so their order in the sequence matters
+    conds = Conditions(
+        torch.randn(B, 5, cond_dim, dtype=torch.float64), torch.randn(B, 3, dtype=torch.float64)
+    )
+    with torch.no_grad():
+        out = level.predict(patches, mask, conds)
+        ref = _hand_mar_sequence(level, patches, mask, conds)
+    assert out.shape == (B, L, 5, ref.size(-1))
+    torch.testing.assert_close(out, neighbour_conditions(ref), rtol=1e-10, atol=1e-10)
+
+
+def test_nll_mask_is_one_uniform_count_per_batch() -> None:
+    """SPEC: NLL evaluation masks one count m ~ U{1..L} for the whole batch, the first m positions of
+    each image's own random order (training draws a count per image)."""
+    model = build_model("fractalmar_tiny16")
+    top, low = model.generator, model.next_fractal.generator
+    seen: dict[str, list[torch.Tensor]] = {"top": [], "low": []}
+    for key, level in (("top", top), ("low", low)):
+        original = level.predict
+
+        def spy(patches, mask, conds, _original=original, _key=key):  # type: ignore[no-untyped-def]
+            seen[_key].append(mask.clone())
+            return _original(patches, mask, conds)
+
+        level.predict = spy  # type: ignore[method-assign]
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    passes = 160
+    model.nll_bpd(x, num_passes=passes)
+    assert len(seen["top"]) == len(seen["low"]) == passes
+    counts = []
+    for mask_top, mask_low in zip(seen["top"], seen["low"]):
+        per_image = mask_top.sum(dim=1)
+        assert torch.all(per_image == per_image[0])  # one count for the batch
+        assert mask_low.size(0) == 4 * int(per_image[0])  # the masked patches go down
+        assert torch.all(mask_low.sum(dim=1) == mask_low.sum(dim=1)[0])  # the lower level too
+        counts.append(int(per_image[0]))
+    L = top.seq_len
+    assert set(counts) == set(range(1, L + 1))  # every count 1..L occurs (P(miss) ~ 16 * e^-10)
+    freq = np.bincount(counts, minlength=L + 1)[1:] / passes
+    assert np.abs(freq - 1 / L).max() < 0.08  # roughly uniform
+    # the positions are each image's own random order, not one shared set
+    assert any(not torch.equal(m[0], m[1]) for m in seen["top"] if 0 < int(m[0].sum()) < L)
+    # training draws a count per image
+    seen["top"].clear()
+    model.train()
+    for _ in range(10):
+        model(x, torch.zeros(4, dtype=torch.long))
+    assert any(len(set(m.sum(dim=1).tolist())) > 1 for m in seen["top"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fractalgen.models import build_model
+from fractalgen.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from fractalgen.models.conditions import Conditions, SampleSettings
 from fractalgen.models.mar import MARLevel
 from fractalgen.models.pixel_head import PixelHead, guided_logits
@@ -182,3 +182,75 @@ def test_on_step_shows_the_generation_process(name: str, iters: tuple[int, ...])
     for (a, da), (b, _) in itertools.pairwise(frames):
         m = da.unsqueeze(1).expand_as(a)
         assert torch.equal(a[m], b[m])
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [("fractalmar_tiny16", {}), ("fractalar_tiny16", {"img_sizes": (8, 2, 1)}), ("fractalmar_tiny32", {})],
+)
+@pytest.mark.parametrize("kind", ["left_half", "scattered"])
+def test_generation_conditions_on_known_pixels(name: str, overrides: dict, kind: str) -> None:
+    """The levels see the known pixels: with the same seed and labels, other known pixels give other
+    generated pixels; and the known pixels are in place before ``sample`` overwrites them at the end."""
+    model = build_model(name, **overrides)
+    S = model.config.img_size
+    raw: list[torch.Tensor] = []
+    original = model._sample_level
+
+    def spy(*args, **kw):  # type: ignore[no-untyped-def]
+        out = original(*args, **kw)
+        raw.append(out.clone())
+        return out
+
+    model._sample_level = spy  # type: ignore[method-assign]
+    if kind == "left_half":  # whole patches known at every level
+        m = (torch.arange(S) < S // 2).expand(S, S)
+    else:  # partly known patches: the known pixels go down to the lower levels
+        m = torch.rand(S, S, generator=torch.Generator().manual_seed(0)) < 0.5
+    known_mask = m.expand(2, S, S).clone()
+    g = torch.Generator().manual_seed(1)
+    knowns = [torch.randint(0, 256, (2, 3, S, S), generator=g) / 255 for _ in range(2)]  # 8-bit values
+    # temperature 30 sharpens the untrained pixel head's near-uniform distributions (logits ~0.1),
+    # which otherwise barely react to their conditions under the same random draws
+    kw = dict(seed=3, cfg=1.5, temperature=30.0, num_iters=(2,) * model.config.num_levels)
+    outs = [model.sample(torch.tensor([1, 2]), known=k, known_mask=known_mask, **kw) for k in knowns]  # type: ignore[arg-type]
+    km = known_mask.unsqueeze(1).expand(2, 3, S, S)
+    assert not torch.equal(outs[0][~km], outs[1][~km])  # the generated pixels depend on the known ones
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert len(raw) == 2
+    for out, k in zip(raw, knowns):
+        ids = ((out.double() * std + mean) * 255).round()  # the levels' own (normalised) result
+        assert torch.equal(ids[km], (k * 255).round().double()[km])
+
+
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_ar_guidance_schedule_and_constant_lower_levels(schedule: str) -> None:
+    """SPEC: AR step s of L gets w_s = 1 + (w - 1)(s + 1)/L under "linear" (w under "constant");
+    the lower levels receive w_s as a constant."""
+    model = build_model("fractalar_tiny16", img_sizes=(8, 2, 1))  # top L = 16, level 1 L = 4
+    L, L1, w = model.config.seq_len(0), model.config.seq_len(1), 3.5
+    level1, head = model.next_fractal.generator, model.next_fractal.next_fractal
+    got1: list[tuple[torch.Tensor, str]] = []
+    got_head: list[torch.Tensor] = []
+    sample1, sample_head = level1.sample, head.sample
+
+    def spy1(conds, *, cfg, cfg_schedule, **kw):  # type: ignore[no-untyped-def]
+        got1.append((cfg.clone(), cfg_schedule))
+        return sample1(conds, cfg=cfg, cfg_schedule=cfg_schedule, **kw)
+
+    def spy_head(conds, cfg, *args, **kw):  # type: ignore[no-untyped-def]
+        got_head.append(cfg.clone())
+        return sample_head(conds, cfg, *args, **kw)
+
+    level1.sample = spy1  # type: ignore[method-assign]
+    head.sample = spy_head  # type: ignore[method-assign]
+    model.sample(torch.tensor([0, 4, 9]), seed=0, cfg=w, cfg_schedule=schedule)  # type: ignore[arg-type]
+    assert len(got1) == L and len(got_head) == L * L1
+    for s, (cfg, sched) in enumerate(got1):
+        expect = 1 + (w - 1) * (s + 1) / L if schedule == "linear" else w
+        assert sched == "constant"
+        assert cfg.shape == (3,)
+        assert cfg.tolist() == pytest.approx([expect] * 3, abs=1e-6)
+        for h in got_head[s * L1 : (s + 1) * L1]:  # every step of level 1 passes w_s on unchanged
+            assert h.tolist() == pytest.approx([expect] * 3, abs=1e-6)

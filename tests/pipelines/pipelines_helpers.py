@@ -84,10 +84,14 @@ def make_folder_source(root: Path, rng: np.random.Generator, per_class: int = 4,
 
 
 def make_train_tar(path: Path, rng: np.random.Generator, per_class: int = 4) -> dict[str, tuple[bytes, str]]:
-    """ILSVRC2012_img_train.tar layout: an outer tar of ``<wnid>.tar`` files, each a tar of JPEGs."""
+    """ILSVRC2012_img_train.tar layout: an outer tar of ``<wnid>.tar`` files, each a tar of JPEGs.
+
+    The class tars go in reversed wnid order, so labels that followed archive order instead of the
+    sorted wnid order would fail ``check_dataset(..., list(WNIDS), ...)``.
+    """
     expected: dict[str, tuple[bytes, str]] = {}
     with tarfile.open(path, "w") as outer:
-        for wnid in WNIDS:
+        for wnid in reversed(WNIDS):
             buf = io.BytesIO()
             with tarfile.open(fileobj=buf, mode="w") as inner:
                 for i, data in enumerate(make_images(rng, per_class)):

@@ -156,6 +156,21 @@ def test_state_restored_mid_epoch_yields_exactly_the_rest(dataset: dict, num_wor
     assert sorted(nxt) == sorted(dataset["expected"])
 
 
+def test_each_loader_without_local_cache_gets_its_own_cache(dataset: dict) -> None:
+    # Two runs on one node reading the same compressed dataset must not share a cache folder
+    # (streaming ties a folder to one run's shared memory and would reject or corrupt the second).
+    uri = dataset["zstd"]
+    loaders = [build_loader(uri, micro_batch=4, rank=0, world_size=1, return_keys=True) for _ in range(2)]
+    caches = [loader.local_cache for loader in loaders]
+    assert caches[0] != caches[1]
+    assert os.path.dirname(caches[0]) != os.path.dirname(caches[1])  # separate run folders
+    assert uri not in caches and not any(c.startswith(os.path.abspath(uri)) for c in caches)
+    for loader in loaders:  # each one reads the whole dataset through its own folder
+        keys = [key for _, _, batch_keys in loader for key in batch_keys]
+        assert len(keys) == 48 and set(keys) == set(dataset["expected"])
+        assert os.path.isdir(loader.local_cache) and os.listdir(loader.local_cache)
+
+
 def test_missing_or_incomplete_dataset_is_a_clear_error(dataset: dict, tmp_path: Path) -> None:
     missing = str(tmp_path / "nothing-here")
     with pytest.raises(DataError, match="nothing-here"):

@@ -91,6 +91,10 @@ def test_train_tar_and_folder_tar(tmp_path: Path) -> None:
         str(tmp_path / "ILSVRC2012_img_train.tar"), str(out), size=16, workers=2, part_size=4, progress=False
     )
     assert summary["source_kind"] == "tar" and summary["num_images"] == 9
+    # the class tars are in reversed order inside the archive; labels still follow the sorted wnids
+    with tarfile.open(tmp_path / "ILSVRC2012_img_train.tar") as tar:
+        assert tar.getnames() == [f"{wnid}.tar" for wnid in reversed(WNIDS)]
+    assert summary["class_names"] == list(WNIDS) and summary["class_counts"] == [3, 3, 3]
     check_dataset(str(out), expected, list(WNIDS), 16)
 
     # a tar of the folder layout, choosing the split, with one class the val split lacks
@@ -113,6 +117,54 @@ def test_train_tar_and_folder_tar(tmp_path: Path) -> None:
     )
     assert summary["class_names"] == list(WNIDS[:2])
     check_dataset(str(tmp_path / "from-folder-tar"), folder_expected, list(WNIDS[:2]), 8)
+
+
+def test_flat_val_tar_with_labels_file_beside_it(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "imagenet"
+    folder.mkdir()
+    expected: dict[str, tuple[bytes, str]] = {}
+    rows = ["ImageId,PredictionString"]
+    with tarfile.open(folder / "ILSVRC2012_img_val.tar", "w") as tar:
+        for i, data in enumerate(make_images(rng, 7)):
+            name = f"ILSVRC2012_val_{i + 1:08d}"
+            info = tarfile.TarInfo(f"{name}.JPEG")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            if i == 6:
+                continue  # not in the labels file: skipped
+            wnid = WNIDS[2 - i % 3]  # classes first seen in reversed order
+            rows.append(f"{name},{wnid} 1 2 30 40 {WNIDS[0]} 3 4 20 20")
+            expected[f"{name}.JPEG"] = (data, wnid)
+    (folder / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+
+    out = tmp_path / "val16"
+    summary = prepare_dataset(
+        str(folder / "ILSVRC2012_img_val.tar"), str(out), size=16, part_size=4, progress=False
+    )
+    assert summary["source_kind"] == "tar" and summary["class_names"] == list(WNIDS)
+    assert summary["num_images"] == 6 and summary["class_counts"] == [2, 2, 2]
+    assert [s["key"] for s in summary["skipped"]] == ["ILSVRC2012_val_00000007.JPEG"]
+    assert summary["skipped"][0]["reason"].startswith("no label")
+    check_dataset(str(out), expected, list(WNIDS), 16)
+
+
+def test_shard_size_limit_splits_parts_into_several_shards(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    expected = make_folder_source(tmp_path / "src", rng, per_class=4, val=1)["train"]
+    out = tmp_path / "small-shards"
+    summary = prepare_dataset(
+        str(tmp_path / "src"), str(out), size=16, part_size=6, shard_size_limit="2kb", progress=False
+    )
+    assert summary["shard_size_limit"] == 2048 and summary["num_parts"] == 2
+    markers = [json.loads((out / f"part-{i:05d}" / "part.json").read_text()) for i in range(2)]
+    assert all(m["num_shards"] > 1 for m in markers), markers
+    assert summary["num_shards"] == sum(m["num_shards"] for m in markers)
+    index = json.loads((out / "index.json").read_text())
+    assert len(index["shards"]) == summary["num_shards"]
+    for shard in index["shards"]:  # a shard holds more than one sample only while under the limit
+        assert shard["raw_data"]["bytes"] <= 2048 or shard["samples"] == 1, shard
+    check_dataset(str(out), expected, list(WNIDS), 16)
 
 
 def _hub_table(images: list[bytes], labels: list[int], names: list[str]) -> pa.Table:

@@ -120,6 +120,48 @@ def test_ray_cluster_yaml_passes_rays_schema() -> None:
     validate_config(prepare_config(copy.deepcopy(config)))  # after Ray fills in its defaults
 
 
+def _find_key(node: Any, key: str) -> list[Any]:
+    """Every value stored under ``key`` anywhere in a parsed YAML tree."""
+    if isinstance(node, dict):
+        found = [node[key]] if key in node else []
+        return found + [v for child in node.values() for v in _find_key(child, key)]
+    if isinstance(node, list):
+        return [v for child in node for v in _find_key(child, key)]
+    return []
+
+
+def test_ray_cluster_nodes_stay_in_our_security_group() -> None:
+    from ray.autoscaler._private.aws.config import (
+        _configure_from_network_interfaces,
+        _configure_security_group,
+    )
+
+    config = _ray_cluster_config()
+    head = config["available_node_types"][config["head_node_type"]]["node_config"]
+    groups = head["SecurityGroupIds"]
+    assert groups and all(isinstance(g, str) and g.startswith("sg-") for g in groups), groups
+    assert head["SubnetIds"], "the head is placed in the (private) subnet"
+    workers = [
+        t["node_config"] for k, t in config["available_node_types"].items() if k != config["head_node_type"]
+    ]
+    assert workers
+    for nc in workers:
+        # With NetworkInterfaces, AWS (and Ray) take subnet and groups only per interface.
+        assert not {"SecurityGroupIds", "SubnetId", "SubnetIds"} & set(nc), sorted(nc)
+        for nic in nc["NetworkInterfaces"]:
+            # the head's group: GCS/object manager ports and EFA traffic stay inside it
+            assert nic["Groups"] == groups, nic
+            assert nic["SubnetId"] and nic.get("AssociatePublicIpAddress") is not True, nic
+    assert config["provider"]["use_internal_ips"] is True
+    assert True not in _find_key(config, "AssociatePublicIpAddress"), "a node asks for a public IP"
+    assert not re.search(r"AssociatePublicIpAddress:\s*true", (REPO / "ray_cluster.yaml").read_text(), re.I)
+    # Ray's own bootstrap step: a node type without groups would get a Ray-made security group (SSH
+    # open to 0.0.0.0/0); here every type has ours, so it creates none (and calls no AWS API).
+    prepared = _configure_security_group(_configure_from_network_interfaces(config))
+    for name, node_type in prepared["available_node_types"].items():
+        assert set(node_type["node_config"]["SecurityGroupIds"]) == set(groups), name
+
+
 def test_manifests_reference_image_entrypoint_and_resources_consistently() -> None:
     ray_version = __import__("ray").__version__
     node = NODE_TYPES["p5.48xlarge"]
