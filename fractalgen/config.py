@@ -224,6 +224,15 @@ class RunModelConfig:
     # recompute block activations in backward (SPEC recipe: gradient checkpointing; PERF: needed at
     # micro-batch 64 on 80 GB)
     activation_checkpointing: bool = False
+    # architecture overrides of the registered size, one entry per level (pixel head last); None keeps
+    # the size's own. Any sizes that divide evenly build, e.g. a 128x128 model: img_sizes [128, 16, 4, 1]
+    # (``fractalgen inspect NAME --set img_sizes=...`` shows the cost first)
+    img_sizes: tuple[int, ...] | None = None
+    widths: tuple[int, ...] | None = None
+    blocks: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
+    generators: tuple[str, ...] | None = None
+    guiding_pixel: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -233,6 +242,44 @@ class RunModelConfig:
         for key in ("dropout", "label_drop_prob"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"{key}: must lie in [0, 1), got {getattr(self, key)}")
+
+    def architecture(self) -> dict[str, Any]:
+        """The architecture overrides that are set, as ``build_model`` keyword arguments."""
+        keys = ("img_sizes", "widths", "blocks", "heads", "generators", "guiding_pixel")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+@dataclass(kw_only=True)
+class RunFinetuneConfig:
+    """Start a new run from pretrained weights instead of a random initialisation (fine-tuning).
+
+    Every tensor whose name and shape fit the model loads; the class embedding of a model with another
+    class count keeps its fresh initialisation, unless ``class_map`` says which source rows to copy.
+    Applies when the run starts (a relaunch resumes from the run's own checkpoints instead).
+    """
+
+    # released:PATH (the public checkpoint-last.pth), a released-format file (local or s3://, e.g.
+    # ``fractalgen export`` output), a registered version models:/NAME/VERSION or models:/NAME@ALIAS,
+    # or a training checkpoint / run folder (its consolidated weights); None: random initialisation
+    init: str | None = None
+    # new class (a name of the dataset's classes, or an index) -> source class (an index of the source
+    # model, e.g. ImageNet's sorted-wnid index, or a class name the source model carries)
+    class_map: dict[str, int | str] = dataclasses.field(default_factory=dict)
+    # levels whose loaded weights stay fixed (0 = the top level with the class embedding's level; the
+    # class embedding itself always trains, since it is new when the class count changes)
+    freeze_levels: tuple[int, ...] = ()
+    # learning-rate multiplier per level (top level first; missing levels: 1.0), e.g. [0.1, 0.5, 1.0]
+    level_lr_scale: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.init is not None and not self.init.strip():
+            raise ValueError("init: must name a checkpoint (or be null)")
+        if (self.class_map or self.freeze_levels) and not self.init:
+            raise ValueError("class_map / freeze_levels: need finetune.init (the weights to start from)")
+        if any(level < 0 for level in self.freeze_levels):
+            raise ValueError(f"freeze_levels: levels are >= 0, got {list(self.freeze_levels)}")
+        if any(scale < 0 for scale in self.level_lr_scale):
+            raise ValueError(f"level_lr_scale: multipliers must be >= 0, got {list(self.level_lr_scale)}")
 
 
 @dataclass(kw_only=True)
@@ -401,12 +448,18 @@ class TrainRunConfig:
     train: RunTrainConfig = dataclasses.field(default_factory=RunTrainConfig)
     cluster: RunClusterConfig = dataclasses.field(default_factory=RunClusterConfig)
     checkpoint: RunCheckpointConfig = dataclasses.field(default_factory=RunCheckpointConfig)
+    finetune: RunFinetuneConfig = dataclasses.field(default_factory=RunFinetuneConfig)
     mlflow: RunMlflowConfig = dataclasses.field(default_factory=RunMlflowConfig)
     eval: RunEvalConfig = dataclasses.field(default_factory=RunEvalConfig)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"name: must be a plain folder name, got {self.name!r}")
+        if self.finetune.init and self.checkpoint.init_from:
+            raise ValueError(
+                "finetune.init and checkpoint.init_from: set one (finetune.init loads weights only; "
+                "checkpoint.init_from continues another run with its optimizer, step and loader position)"
+            )
         t, c = self.train, self.cluster
         per_step = t.micro_batch_per_gpu * c.num_workers
         if t.global_batch_size % per_step:

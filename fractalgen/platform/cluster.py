@@ -547,7 +547,7 @@ def make_plan(
     accum = t.global_batch_size // per_step
     final = from_dict(TrainRunConfig, {**to_dict(cfg), "cluster": {**to_dict(c), "num_workers": gpus}})
 
-    model_cfg = get_config(cfg.model.name)
+    model_cfg = get_config(cfg.model.name, **cfg.model.architecture())
     rows = level_costs(model_cfg)
     params = sum(r.params for r in rows)
     largest_block = max(r.block_params // max(1, r.layers) for r in rows)

@@ -9,7 +9,9 @@ Steps, each the same code a cluster run uses:
 3. export the last checkpoint's consolidated fp32 weights in the released format
    (``<out>/fractalmar_demo32.pth``);
 4. copy the class-conditional sample grid of the final evaluation to ``<out>/samples.png``;
-5. print where everything is and how to open the MLflow UI.
+5. register, sweep and promote the model (``registry_demo.demo_registry_steps``: the final weights
+   and those of the first checkpoint, as two versions);
+6. print where everything is and how to open the MLflow UI.
 
 Running it again resumes the finished run (nothing left to train) and prints the same; ``--fresh``
 starts over.
@@ -40,8 +42,10 @@ def run_demo(
     config: str | os.PathLike[str] | None = None,
     overrides: list[str] | None = None,
     fresh: bool = False,
+    registry: bool = True,
 ) -> dict[str, str]:
     """Run the demo into ``out``; returns the paths it wrote (dataset, run, weights, grid, MLflow store)."""
+    from fractalgen.pipelines import storage
     from fractalgen.pipelines.embedded import build_embedded_dataset
     from fractalgen.platform.checkpointing import export_consolidated
     from fractalgen.platform.train import describe_outcome, load_run_config, plan_run, run_training
@@ -63,7 +67,7 @@ def run_demo(
         shutil.rmtree(os.path.join(checkpoints, cfg.name), ignore_errors=True)
 
     t0 = time.perf_counter()
-    print(f"[demo] 1/4 embedded dataset -> {data}", flush=True)
+    print(f"[demo] 1/5 embedded dataset -> {data}", flush=True)
     summary = build_embedded_dataset(data, size=32)
     print(
         f"[demo]     {summary['num_images']} images, {summary['num_classes']} classes ({time.perf_counter() - t0:.0f} s)",
@@ -71,7 +75,7 @@ def run_demo(
     )
 
     print(
-        f"[demo] 2/4 training {cfg.model.name}: {cfg.cluster.num_workers} Ray workers, DeepSpeed ZeRO-"
+        f"[demo] 2/5 training {cfg.model.name}: {cfg.cluster.num_workers} Ray workers, DeepSpeed ZeRO-"
         f"{cfg.train.zero_stage} on CPU (gloo), {cfg.train.epochs:g} epochs",
         flush=True,
     )
@@ -79,12 +83,33 @@ def run_demo(
     outcome = run_training(cfg, plan=plan)
 
     weights = os.path.join(out, f"{cfg.model.name}.pth")
-    print(f"[demo] 3/4 consolidated fp32 weights -> {weights}", flush=True)
-    export_consolidated(outcome.checkpoint or plan.run_uri, weights)
+    print(f"[demo] 3/5 consolidated fp32 weights -> {weights}", flush=True)
+    final = outcome.checkpoint or plan.run_uri
+    export_consolidated(final, weights)
+    extra = []
+    earlier = sorted(n for n in storage.list_dirs(plan.run_uri) if n.startswith("checkpoint_"))[:-1]
+    if earlier:  # a second version for the registry to compare
+        extra.append(os.path.join(out, f"{cfg.model.name}-{earlier[0]}.pth"))
+        export_consolidated(os.path.join(plan.run_uri, earlier[0]), extra[0])
 
     grid = os.path.join(out, "samples.png")
-    print(f"[demo] 4/4 class-conditional sample grid -> {grid}", flush=True)
-    shutil.copyfile(os.path.join(outcome.checkpoint or "", SAMPLES_PNG), grid)
+    print(f"[demo] 4/5 class-conditional sample grid -> {grid}", flush=True)
+    shutil.copyfile(os.path.join(final, SAMPLES_PNG), grid)
+
+    review = None
+    if registry and outcome.tracking_uri:
+        from fractalgen.platform.registry_demo import demo_registry_steps
+
+        print("[demo] 5/5 registry: register, sweep sampling settings, promote the best version", flush=True)
+        result = demo_registry_steps(
+            out,
+            weights,
+            tracking_uri=outcome.tracking_uri,
+            data_uri=data,
+            training_run_id=outcome.mlflow_run_id,
+            extra_weights=extra,
+        )
+        review = result.get("review_html")
 
     elapsed = time.perf_counter() - t0
     print(
@@ -92,14 +117,12 @@ def run_demo(
             [
                 "",
                 f"demo finished in {elapsed / 60:.1f} min",
-                f"  dataset:        {data}",
                 describe_outcome(outcome, plan),
-                f"  weights:        {weights}  (fractalgen.models.load_released)",
-                f"  samples:        {grid}  (one image per class, guidance {cfg.eval.cfg})",
-                f"  MLflow store:   {store}",
-                f"  open the UI:    .venv/bin/mlflow ui --backend-store-uri sqlite:///{store} --port 5000",
-                "                  then browse http://127.0.0.1:5000 (experiment "
-                f"'{cfg.mlflow.experiment}', run '{cfg.name}')",
+                f"  dataset:     {data}",
+                f"  weights:     {weights}  (fractalgen.models.load_released)",
+                f"  samples:     {grid}  (one image per class, guidance {cfg.eval.cfg})",
+                *([f"  review:      {review}"] if review else []),
+                f"  browse:      http://127.0.0.1:5000 once `mlflow ui` runs (experiment '{cfg.mlflow.experiment}', run '{cfg.name}')",
             ]
         ),
         flush=True,
@@ -111,7 +134,9 @@ def _demo(args: argparse.Namespace) -> int:
     from fractalgen.platform.train import PlanError, TrainError
 
     try:
-        run_demo(args.out, config=args.config, overrides=args.set, fresh=args.fresh)
+        run_demo(
+            args.out, config=args.config, overrides=args.set, fresh=args.fresh, registry=not args.no_registry
+        )
     except PlanError as err:
         raise CLIError(str(err)) from None
     except TrainError as err:
@@ -131,4 +156,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="recipe (default configs/demo.yaml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value (repeatable)")
     p.add_argument("--fresh", action="store_true", help="delete the previous demo run and train from scratch")
+    p.add_argument(
+        "--no-registry", action="store_true", help="stop after training (skip register/sweep/promote)"
+    )
     p.set_defaults(func=_demo)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -63,19 +64,28 @@ def deepspeed_config(cfg: TrainRunConfig, *, use_gpu: bool) -> dict[str, Any]:
     return config
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay for biases and 1-D parameters (norm weights), as released."""
-    decay, no_decay = [], []
+def param_groups(
+    model: nn.Module, weight_decay: float, level_lr_scale: Sequence[float] = ()
+) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay for biases and 1-D parameters (norm weights), as released.
+
+    Frozen parameters (``requires_grad=False``) are left out. With per-level lr multipliers
+    (``finetune.level_lr_scale``) each multiplier gets its own pair of groups; every group records
+    its multiplier (``lr_scale``) and whether it decays (``decays``), which the schedule reads.
+    """
+    from fractalgen.platform.finetune import level_lr_scale as scale_of
+
+    found: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or name.endswith(".bias"):
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        decays = not (param.ndim <= 1 or name.endswith(".bias"))
+        scale = scale_of(name, level_lr_scale) if level_lr_scale else 1.0
+        found.setdefault((decays, scale), []).append(param)
+    keys = sorted(found, key=lambda k: (not k[0], -k[1]))  # decaying groups first
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": found[k], "weight_decay": weight_decay if k[0] else 0.0, "lr_scale": k[1], "decays": k[0]}
+        for k in keys
     ]
 
 
@@ -94,7 +104,9 @@ def learning_rate(step: int, *, cfg: TrainRunConfig, steps_per_epoch: int) -> fl
 def build_optimizer(model: nn.Module, cfg: TrainRunConfig, *, use_gpu: bool) -> torch.optim.Optimizer:
     """AdamW with the recipe's betas and weight-decay groups at the peak lr (the schedule scales it)."""
     t = cfg.train
-    groups = param_groups(model, t.weight_decay)
+    groups = param_groups(model, t.weight_decay, cfg.finetune.level_lr_scale)
+    for group in groups:
+        group["lr"] = cfg.lr * group["lr_scale"]
     if t.offload_optimizer and use_gpu:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -104,7 +116,7 @@ def build_optimizer(model: nn.Module, cfg: TrainRunConfig, *, use_gpu: bool) -> 
 
 def _skip_cpu_shm_op() -> None:
     """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce when its comm backend
-    starts (about 40 s of C++ per fresh machine, twice that on 2 cores). It serves only
+    starts (40-60 s of C++ on a fresh 2-core machine, measured). It serves only
     ``inference_all_reduce``; training collectives go through torch.distributed (gloo), so skip it."""
     import deepspeed.comm.torch  # noqa: F401
 
@@ -186,12 +198,13 @@ def apply_hyperparameters(engine: Any, cfg: TrainRunConfig, *, step: int) -> Non
     t = cfg.train
     schedule = engine.lr_scheduler
     groups = schedule.optimizer.param_groups
-    schedule.base_lrs = [cfg.lr] * len(groups)
+    # groups saved before param_groups recorded ``lr_scale`` / ``decays``: scale 1, decay where set
+    schedule.base_lrs = [cfg.lr * group.get("lr_scale", 1.0) for group in groups]
     schedule.last_epoch = step
     for i, group in enumerate(groups):
-        group["initial_lr"] = cfg.lr
+        group["initial_lr"] = schedule.base_lrs[i]
         group["betas"] = tuple(t.betas)
-        group["weight_decay"] = t.weight_decay if i == 0 else 0.0  # param_groups: decay first
+        group["weight_decay"] = t.weight_decay if group.get("decays", group["weight_decay"] > 0) else 0.0
         group["lr"] = schedule.base_lrs[i] * schedule.lr_lambdas[i](step)
     schedule._last_lr = [group["lr"] for group in groups]
 

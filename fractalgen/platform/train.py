@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import os
 import sys
@@ -79,7 +80,18 @@ def plan_run(cfg: TrainRunConfig) -> WorkerPlan:
         raise PlanError(
             f"model.name: unknown model {cfg.model.name!r}; registered: {', '.join(sorted(MODEL_CONFIGS))}"
         )
-    model_cfg = get_config(cfg.model.name)
+    try:
+        model_cfg = get_config(cfg.model.name, **cfg.model.architecture())
+    except (ValueError, TypeError) as err:
+        raise PlanError(
+            f"model: {cfg.model.name} with {cfg.model.architecture()} does not build: {err}"
+        ) from None
+    num_levels = len(model_cfg.img_sizes)
+    levels = f"the model has {num_levels} levels (0..{num_levels - 1}, the pixel head last)"
+    if len(cfg.finetune.level_lr_scale) > num_levels:
+        raise PlanError(f"finetune.level_lr_scale: {len(cfg.finetune.level_lr_scale)} entries, but {levels}")
+    if any(level >= num_levels for level in cfg.finetune.freeze_levels):
+        raise PlanError(f"finetune.freeze_levels: {list(cfg.finetune.freeze_levels)}, but {levels}")
     if not cfg.data.train_uri:
         raise PlanError("data.train_uri: required (a prepared dataset: folder or s3:// prefix)")
     data_endpoint = (
@@ -146,11 +158,24 @@ def plan_run(cfg: TrainRunConfig) -> WorkerPlan:
             raise PlanError(
                 f"checkpoint.init_from: {cfg.checkpoint.init_from} is not a fractalgen checkpoint (no {STATE_FILE})"
             )
+    init_class_map: tuple[tuple[int, int], ...] = ()
+    if cfg.finetune.init:
+        init_class_map = _check_finetune(cfg, model_cfg, num_classes, class_names)
 
+    # local paths absolute: Ray workers run in other folders than the driver
     resolved = copy.deepcopy(cfg)
     resolved.checkpoint.storage_path = storage_path
+    resolved.data.train_uri = _abs_storage(cfg.data.train_uri)
+    if cfg.data.eval_uri:
+        resolved.data.eval_uri = _abs_storage(cfg.data.eval_uri)
+    if cfg.checkpoint.init_from:
+        resolved.checkpoint.init_from = _abs_storage(cfg.checkpoint.init_from)
     resolved.data.s3_endpoint_url = data_endpoint
     resolved.checkpoint.s3_endpoint_url = storage_endpoint
+    if cfg.finetune.init:
+        from fractalgen.platform.finetune import absolute_source
+
+        resolved.finetune.init = absolute_source(cfg.finetune.init)
     return WorkerPlan(
         config=resolved,
         run_uri=storage.join(storage_path, cfg.name),
@@ -162,7 +187,40 @@ def plan_run(cfg: TrainRunConfig) -> WorkerPlan:
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         stop_step=stop_step,
+        init_class_map=init_class_map,
     )
+
+
+def _check_finetune(
+    cfg: TrainRunConfig, model_cfg: Any, num_classes: int, class_names: tuple[str, ...]
+) -> tuple[tuple[int, int], ...]:
+    """``finetune.init`` resolves to weights that fit the model; returns the resolved class map."""
+    import dataclasses
+
+    import torch
+
+    from fractalgen.models import FractalGen
+    from fractalgen.pipelines import storage
+    from fractalgen.platform import tracking
+    from fractalgen.platform.finetune import FinetuneError, check_source
+
+    try:
+        tracking_uri = tracking.resolve_tracking_uri(cfg)
+    except ValueError:
+        tracking_uri = None  # only registry sources need it; their lookup then names the problem
+    with torch.device("meta"):
+        model = FractalGen(dataclasses.replace(model_cfg, num_classes=num_classes))
+    try:
+        return check_source(
+            cfg.finetune.init,  # type: ignore[arg-type]
+            cfg.finetune.class_map,
+            model,
+            class_names=class_names,
+            tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+            endpoint=storage.endpoint_url(cfg.checkpoint.s3_endpoint_url),
+        )
+    except FinetuneError as err:
+        raise PlanError(str(err)) from None
 
 
 def open_tracking(plan: WorkerPlan) -> WorkerPlan:
@@ -255,7 +313,11 @@ def _connect_ray(cfg: TrainRunConfig) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(include_dashboard=False)
+        # with its dashboard (on 127.0.0.1 only): Ray Train's placement-group cleaner asks the state
+        # API, which the dashboard serves, whether the run is alive; without it, it warns every second
+        context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+        if context.dashboard_url:
+            log.info("local Ray dashboard: http://%s", context.dashboard_url)
 
 
 def run_training(cfg: TrainRunConfig, *, plan: WorkerPlan | None = None) -> TrainOutcome:
@@ -322,7 +384,7 @@ def describe_outcome(outcome: TrainOutcome, plan: WorkerPlan) -> str:
         lines.append(f"  MLflow:      {outcome.tracking_uri} run {outcome.mlflow_run_id}")
         if outcome.tracking_uri and outcome.tracking_uri.startswith("sqlite:"):
             lines.append(
-                f"  MLflow UI:   mlflow ui --backend-store-uri {outcome.tracking_uri}  (then http://127.0.0.1:5000)"
+                f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {outcome.tracking_uri} --port 5000"
             )
     return "\n".join(lines)
 
@@ -339,16 +401,27 @@ def _train(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.name:
         overrides.append(f"name={args.name}")
+    if args.init:
+        overrides.append(f"finetune.init={json.dumps(args.init)}")  # JSON quoting: a YAML string as is
     cfg = load_run_config(args.config, overrides)
     try:
         plan = plan_run(cfg)
         if args.dry_run:
+            from fractalgen.models import get_config
+            from fractalgen.models.inspect import format_table
+
             print(dumps(plan.config), end="")
+            arch = get_config(cfg.model.name, **cfg.model.architecture(), num_classes=plan.num_classes)
+            print("# " + format_table(cfg.model.name, arch).replace("\n", "\n# "))
             print(
                 f"# plan: {plan.num_images} images, {plan.steps_per_epoch} steps/epoch, "
                 f"{plan.total_steps} steps (stop at {plan.stop_step}), {cfg.grad_accum_steps} micro-batches "
                 f"per step per worker, peak lr {cfg.lr:.3g}, run folder {plan.run_uri}"
             )
+            if cfg.finetune.init:
+                names = plan.class_names or tuple(map(str, range(plan.num_classes)))
+                rows = ", ".join(f"{names[new]} <- {old}" for new, old in plan.init_class_map) or "none"
+                print(f"# finetune: weights from {cfg.finetune.init}; class rows from the source: {rows}")
             return 0
         outcome = run_training(cfg, plan=plan)
     except PlanError as err:
@@ -379,6 +452,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="override a recipe value by its dotted key, e.g. --set train.zero_stage=3 (repeatable)",
     )
     p.add_argument("--name", help="the run's name (same as --set name=...)")
+    p.add_argument(
+        "--init",
+        metavar="SOURCE",
+        help=(
+            "fine-tune: start from pretrained weights (same as --set finetune.init=SOURCE): released:PATH "
+            "(the public checkpoint-last.pth), a released-format file (local or s3://), a registered "
+            "version models:/NAME/VERSION, or a training checkpoint. Tensors that fit load; a class "
+            "embedding of another size is re-initialised (or mapped by finetune.class_map)"
+        ),
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="check the recipe and print the resolved config; no Ray"
     )

@@ -68,6 +68,8 @@ class WorkerPlan:
     stop_step: int  # min(total_steps, train.max_steps)
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
+    # finetune.class_map resolved to (new class index, source class index) pairs (``finetune``)
+    init_class_map: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(kw_only=True)
@@ -101,6 +103,7 @@ def build_run_model(plan: WorkerPlan):
     m = plan.config.model
     return build_model(
         m.name,
+        **m.architecture(),
         num_classes=plan.num_classes,
         attn_dropout=m.dropout,
         proj_dropout=m.dropout,
@@ -261,7 +264,7 @@ class _Evaluator:
         images = self.model.sample(
             labels,
             num_iters=e.sample_iters,
-            cfg=e.cfg,
+            cfg=e.cfg if self.plan.num_classes > 1 else None,  # 1 class: unconditional, no guidance
             temperature=e.temperature,
             seed=e.seed,
         )  # (N, 3, S, S) in [0, 1]
@@ -367,6 +370,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
     model = build_run_model(plan)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and cfg.checkpoint.init_from:
+        fs, path = _storage_fs(
+            cfg.checkpoint.init_from, cfg.checkpoint.s3_endpoint_url or plan.storage_endpoint
+        )
+        checkpoint = ray.train.Checkpoint(path=path, filesystem=fs)
+    # fine-tuning: pretrained weights before DeepSpeed partitions the model (a resumed run has its own)
+    init_report = None
+    if checkpoint is None and cfg.finetune.init:
+        from fractalgen.pipelines import storage
+        from fractalgen.platform.finetune import load_pretrained
+
+        init_report = load_pretrained(
+            model,
+            cfg.finetune.init,
+            plan.init_class_map,
+            tracking_uri=plan.tracking_uri,
+            endpoint=storage.endpoint_url(cfg.checkpoint.s3_endpoint_url),
+        )
+    frozen = _freeze(model, cfg.finetune.freeze_levels)
     engine = setup_engine(model, cfg, steps_per_epoch=plan.steps_per_epoch, use_gpu=use_gpu)
     loader = build_loader(
         cfg.data.train_uri,
@@ -385,12 +408,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
 
     state, ledger = RunState(), []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and cfg.checkpoint.init_from:
-        fs, path = _storage_fs(
-            cfg.checkpoint.init_from, cfg.checkpoint.s3_endpoint_url or plan.storage_endpoint
-        )
-        checkpoint = ray.train.Checkpoint(path=path, filesystem=fs)
     if checkpoint is not None:
         state, ledger = load_checkpoint(engine, loader, checkpoint, rank=rank)
         apply_hyperparameters(engine, cfg, step=state.step)
@@ -403,6 +420,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         from fractalgen.platform.tracking import RunTracker
 
         tracker = RunTracker(plan.tracking_uri, plan.mlflow_run_id)
+    if rank == 0 and init_report is not None:
+        _record_init(plan, init_report, frozen, tracker)
     evaluator = _Evaluator(plan, device) if rank == 0 else None
 
     t = cfg.train
@@ -550,6 +569,39 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tracker.close(timeout_s=30.0)
     if dist.is_initialized():
         dist.barrier()
+
+
+def _freeze(model: Any, levels: tuple[int, ...]) -> list[str]:
+    if not levels:
+        return []
+    from fractalgen.platform.finetune import freeze_levels
+
+    return freeze_levels(model, levels)
+
+
+def _record_init(plan: WorkerPlan, report: Any, frozen: list[str], tracker: Any) -> None:
+    """Rank 0: the fine-tuning init report to the run folder and the MLflow run, and one line."""
+    from fractalgen.pipelines import storage
+    from fractalgen.platform.finetune import INIT_REPORT_FILE, report_dict
+
+    data = report_dict(report, frozen)
+    storage.write_json(storage.join(plan.run_uri, INIT_REPORT_FILE), data, endpoint=plan.storage_endpoint)
+    _say(f"[fractalgen] {report.summary()}; {len(frozen)} frozen")
+    if tracker is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, INIT_REPORT_FILE)
+            with open(path, "w") as f:
+                json.dump(data, f, indent=1)
+            tracker.log_artifact(path, "finetune")
+        tracker.set_tags(
+            {
+                "finetune.source": report.source,
+                "finetune.loaded": str(len(report.loaded)),
+                "finetune.reinitialised": ", ".join(report.reinitialised) or "none",
+                "finetune.mapped": ", ".join(report.mapped) or "none",
+                "finetune.frozen": str(len(frozen)),
+            }
+        )
 
 
 def _latest_checkpoint_uri(plan: WorkerPlan) -> str | None:

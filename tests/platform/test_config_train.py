@@ -262,3 +262,37 @@ def test_bad_recipe_file_is_a_config_error(tmp_path: Path) -> None:
     bad.write_text("train:\n  zero_stage: 2\n  micro_batch: 4\n")
     with pytest.raises(ConfigError, match=r"train\.micro_batch"):
         load(TrainRunConfig, bad)
+
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_pruning_keeps_the_latest_n_and_the_best(tmp_path: Path, keep_best: bool) -> None:
+    """Checkpoints at steps 1..6 with the best loss at step 2: keep_last=2 keeps 5 and 6 (and 2)."""
+    from fractalgen.platform.worker import RunState, WorkerPlan, checkpoint_dir_name, prune_checkpoints
+
+    cfg = load(
+        TrainRunConfig,
+        None,
+        [
+            f"checkpoint.storage_path={tmp_path}",
+            "checkpoint.keep_last=2",
+            f"checkpoint.keep_best={keep_best}",
+        ],
+    )
+    run = tmp_path / "run"
+    for step in range(1, 7):
+        (run / checkpoint_dir_name(step)).mkdir(parents=True)
+        (run / checkpoint_dir_name(step) / "state.json").write_text("{}")
+    plan = WorkerPlan(
+        config=cfg,
+        run_uri=str(run),
+        num_images=8,
+        num_classes=1,
+        steps_per_epoch=1,
+        total_steps=6,
+        stop_step=6,
+    )
+    deleted = prune_checkpoints(plan, RunState(step=6, best_loss=0.5, best_step=2))
+    kept = sorted(p.name for p in run.iterdir())
+    expected = {5, 6} | ({2} if keep_best else set())
+    assert kept == sorted(checkpoint_dir_name(s) for s in expected)
+    assert sorted(deleted) == sorted(checkpoint_dir_name(s) for s in set(range(1, 7)) - expected)

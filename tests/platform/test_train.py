@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from test_train_support import RAY_TRAIN_TEST_ENV, losses, read_checkpoint_files, tiny_config, tiny_dataset
+from test_train_support import local_ray, losses, read_checkpoint_files, tiny_config, tiny_dataset
 
 from fractalgen.pipelines import storage
 
@@ -26,11 +26,6 @@ STEPS = 12
 
 @pytest.fixture(scope="module")
 def cluster(_moto_server: str):
-    import ray
-
-    mp = pytest.MonkeyPatch()
-    for key, value in RAY_TRAIN_TEST_ENV.items():
-        mp.setenv(key, value)
     # dummy credentials for moto, for every Ray process of the run (the endpoint itself travels in
     # the run's config, never in the environment)
     aws = {
@@ -40,12 +35,8 @@ def cluster(_moto_server: str):
         "AWS_REGION": "us-east-1",
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": aws})
-    try:
+    with local_ray(aws):
         yield
-    finally:
-        ray.shutdown()
-        mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +84,11 @@ def assert_loss_goes_down(state: dict[str, Any]) -> None:
     assert last < first - 0.05, hist
 
 
-@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.s3)])
+@pytest.mark.parametrize("stage", [1, 2, pytest.param(3, marks=pytest.mark.s3)])
 def test_zero_run_trains_and_checkpoint_restores_bit_exactly(
     stage, cluster, dataset, tmp_path, request
 ) -> None:
-    """ZeRO-2 (local folder) and ZeRO-3 (moto S3): the loss falls, and a run started from the step-4
+    """ZeRO-1 and ZeRO-2 (local folder) and ZeRO-3 (moto S3): the loss falls, and a run started from the step-4
     checkpoint reproduces steps 5-12 of the uninterrupted run exactly (losses and samples); the
     consolidated weights export from the (ZeRO-3: sharded, S3) checkpoint and load strictly."""
     from fractalgen.models import load_released
@@ -156,7 +147,7 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_killed_worker_resumes_at_same_step_with_next_unseen_sample(cluster, dataset, tmp_path) -> None:
-    """ZeRO-1: a worker process killed after the step-4 checkpoint; the restarted worker group goes on
+    """ZeRO-1: a worker process killed after the step-2 checkpoint; the restarted worker group goes on
     from the latest checkpoint and ends where the uninterrupted run ends: same step count, same loss
     at every step, the same samples at every step (none repeated, none skipped)."""
     from fractalgen.platform.train import run_training
@@ -166,23 +157,34 @@ def test_killed_worker_resumes_at_same_step_with_next_unseen_sample(cluster, dat
 
     storage_path = str(tmp_path / "runs")
     cfg = tiny_config(name="killed", data=dataset, storage_path=storage_path, stage=1, steps=STEPS, every=2)
-    marker = os.path.join(storage_path, "killed", "checkpoint_000000004", "state.json")
+    # Ray Train lists a checkpoint in this file once it has registered it: kill right after the first
+    snapshot = os.path.join(storage_path, "killed", "checkpoint_manager_snapshot.json")
     killed: list[int] = []
+    registered_at_kill: list[str] = []
 
     def kill_after_checkpoint() -> None:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not os.path.exists(marker):
+        while time.monotonic() < deadline:
+            try:
+                with open(snapshot) as f:
+                    text = f.read()
+            except OSError:
+                text = ""
+            if "checkpoint_000000002" in text:
+                break
             time.sleep(0.02)
         pids = _train_worker_pids()
         if pids:
             os.kill(pids[-1], signal.SIGKILL)
             killed.append(pids[-1])
+            registered_at_kill.append(text)
 
     killer = threading.Thread(target=kill_after_checkpoint, daemon=True)
     killer.start()
     out = run_training(cfg)
     killer.join(timeout=5)
     assert killed, "no Ray Train worker was found to kill"
+    assert f"checkpoint_{STEPS:09d}" not in registered_at_kill[0], "the run ended before the kill"
 
     files = read_checkpoint_files(out.checkpoint)
     state = files["state"]

@@ -6,6 +6,7 @@ are in the server."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -51,7 +52,7 @@ def ray_head() -> Iterator[dict[str, str]]:
         wait_http(f"{url}/api/version", 120, proc, log)
         yield {"dashboard": url, "env": env}  # type: ignore[misc]
     finally:
-        stop_process(proc, timeout_s=30)
+        stop_process(proc, timeout_s=5)  # `ray start --block` ignores SIGTERM for long; SIGKILL the group
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -99,3 +100,17 @@ def test_ray_job_submit_trains_and_logs_to_mlflow(ray_head, mlflow_server: str, 
     samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
     assert samples == [f"samples/samples_step_{STEPS:09d}.png"]
     assert any(a.path.startswith("config/") for a in client.list_artifacts(run.info.run_id, "config"))
+    assert re.search(
+        r"\[fractalgen\] step 2/4 \| epoch [\d.]+ \| loss [\d.]+ \| .* img/s \| eta \d+:\d\d:\d\d", output
+    )
+    assert client.get_metric_history(run.info.run_id, "host_rss_gib")  # memory (GPU memory on GPUs)
+
+    # the run's ZeRO-2 checkpoint becomes a registered version linked to this training run
+    from fractalgen.platform.registry import TAG_TRAINING_RUN, register_checkpoint
+
+    version = register_checkpoint(
+        f"{storage_path}/job", "train-job-model", tracking_uri=mlflow_server, grid_images=2
+    )
+    mv = client.get_model_version("train-job-model", version.version)
+    assert mv.tags[TAG_TRAINING_RUN] == run.info.run_id
+    assert client.get_run(mv.run_id).data.tags["mlflow.parentRunId"] == run.info.run_id

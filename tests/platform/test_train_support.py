@@ -8,8 +8,10 @@ step so every step's loss is in the run state's history.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,24 @@ RAY_TRAIN_TEST_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "0",
 }
+
+
+@contextlib.contextmanager
+def local_ray(env_vars: dict[str, str] | None = None) -> Iterator[None]:
+    """A local Ray (4 CPUs) for the duration, with the test knobs above; ``env_vars`` reach every
+    Ray process of the runs (the runtime environment)."""
+    import pytest
+    import ray
+
+    mp = pytest.MonkeyPatch()
+    for key, value in RAY_TRAIN_TEST_ENV.items():
+        mp.setenv(key, value)
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": dict(env_vars or {})})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        mp.undo()
 
 
 def tiny_dataset(root: str | os.PathLike[str]) -> str:

@@ -67,7 +67,8 @@ class SamplingSettings:
         """Every ``None`` replaced by the model config's default (what sampling actually uses)."""
         return SamplingSettings(
             num_iters=self.num_iters or tuple(config.default_iters()),
-            cfg=config.sample_cfg if self.cfg is None else self.cfg,
+            # an unconditional (1-class) model samples without guidance whatever its size's default
+            cfg=(1.0 if config.num_classes == 1 else config.sample_cfg) if self.cfg is None else self.cfg,
             cfg_schedule=self.cfg_schedule or config.sample_cfg_schedule,
             temperature=config.sample_temperature if self.temperature is None else self.temperature,
             filter_threshold=self.filter_threshold,
