@@ -359,8 +359,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     _lean_streaming_import()
+    from fractalgen.pipelines import storage
     from fractalgen.pipelines.loader import build_loader
     from fractalgen.platform.engine import apply_hyperparameters, full_state_dict, setup_engine
+    from fractalgen.platform.finetune import freeze_levels, load_pretrained
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -379,9 +381,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # fine-tuning: pretrained weights before DeepSpeed partitions the model (a resumed run has its own)
     init_report = None
     if checkpoint is None and cfg.finetune.init:
-        from fractalgen.pipelines import storage
-        from fractalgen.platform.finetune import load_pretrained
-
         init_report = load_pretrained(
             model,
             cfg.finetune.init,
@@ -389,7 +388,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tracking_uri=plan.tracking_uri,
             endpoint=storage.endpoint_url(cfg.checkpoint.s3_endpoint_url),
         )
-    frozen = _freeze(model, cfg.finetune.freeze_levels)
+    frozen = freeze_levels(model, cfg.finetune.freeze_levels)
     engine = setup_engine(model, cfg, steps_per_epoch=plan.steps_per_epoch, use_gpu=use_gpu)
     loader = build_loader(
         cfg.data.train_uri,
@@ -569,14 +568,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tracker.close(timeout_s=30.0)
     if dist.is_initialized():
         dist.barrier()
-
-
-def _freeze(model: Any, levels: tuple[int, ...]) -> list[str]:
-    if not levels:
-        return []
-    from fractalgen.platform.finetune import freeze_levels
-
-    return freeze_levels(model, levels)
 
 
 def _record_init(plan: WorkerPlan, report: Any, frozen: list[str], tracker: Any) -> None:

@@ -84,13 +84,14 @@ def assert_loss_goes_down(state: dict[str, Any]) -> None:
     assert last < first - 0.05, hist
 
 
-@pytest.mark.parametrize("stage", [1, 2, pytest.param(3, marks=pytest.mark.s3)])
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.s3)])
 def test_zero_run_trains_and_checkpoint_restores_bit_exactly(
     stage, cluster, dataset, tmp_path, request
 ) -> None:
-    """ZeRO-1 and ZeRO-2 (local folder) and ZeRO-3 (moto S3): the loss falls, and a run started from the step-4
-    checkpoint reproduces steps 5-12 of the uninterrupted run exactly (losses and samples); the
-    consolidated weights export from the (ZeRO-3: sharded, S3) checkpoint and load strictly."""
+    """ZeRO-2 (local folder) and ZeRO-3 (moto S3; ZeRO-1 in the killed-worker test): the loss falls,
+    and a run started from the step-4 checkpoint reproduces steps 5-12 of the uninterrupted run
+    exactly (losses and samples); the consolidated weights export from the (ZeRO-3: sharded, S3)
+    checkpoint and load strictly."""
     from fractalgen.models import load_released
     from fractalgen.platform.checkpointing import export_consolidated
     from fractalgen.platform.train import run_training
