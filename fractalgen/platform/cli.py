@@ -27,6 +27,10 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+# third-party loggers kept at WARNING unless --verbose
+QUIET_LOGGERS: tuple[str, ...] = ("streaming",)
+
+
 class CLIError(Exception):
     """An error the user can fix; printed without a traceback, exit code 2."""
 
@@ -53,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        for name in QUIET_LOGGERS:  # their INFO lines restate defaults (streaming: predownload ...)
+            logging.getLogger(name).setLevel(logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -32,6 +32,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,21 +303,27 @@ def register_checkpoint(
                 from mlflow.models import infer_signature
 
                 params = default_params(model.config)
-                signature = infer_signature(
-                    pd.DataFrame({"label": [0]}), pd.DataFrame({"label": [0], "image": [""]}), params=params
-                )
-                info = mlflow.pyfunc.log_model(
-                    name=MODEL_NAME_IN_RUN,
-                    python_model=FractalGenPyfunc(),
-                    artifacts={CHECKPOINT_ARTIFACT: str(weights)},
-                    signature=signature,
-                    pip_requirements=_requirements(),
-                    metadata={
-                        "fractalgen_model": arch,
-                        "img_size": model.config.img_size,
-                        "num_classes": model.config.num_classes,
-                    },
-                )
+                with warnings.catch_warnings():
+                    # MLflow's hints for generic models (type-hinted predict, input example, integer
+                    # columns): the signature below is explicit, so they only add noise
+                    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
+                    signature = infer_signature(
+                        pd.DataFrame({"label": [0]}),
+                        pd.DataFrame({"label": [0], "image": [""]}),
+                        params=params,
+                    )
+                    info = mlflow.pyfunc.log_model(
+                        name=MODEL_NAME_IN_RUN,
+                        python_model=FractalGenPyfunc(),
+                        artifacts={CHECKPOINT_ARTIFACT: str(weights)},
+                        signature=signature,
+                        pip_requirements=_requirements(),
+                        metadata={
+                            "fractalgen_model": arch,
+                            "img_size": model.config.img_size,
+                            "num_classes": model.config.num_classes,
+                        },
+                    )
                 mlflow.log_params({"checkpoint": checkpoint[:500], "architecture": arch,
                                    "img_size": model.config.img_size, "num_classes": model.config.num_classes})  # fmt: skip
                 if metrics:
