@@ -12,6 +12,13 @@ measures that). Precision ``bf16`` is autocast without a GradScaler; ``fp32`` is
 
     python -m bench.train --configs fractalmar_in64 --micro-batch 64 --ckpt all
     python -m bench.train --configs fractalmar_large_in256 --micro-batch 32 --engine deepspeed --zero 2
+
+``--mask-buckets N`` pads each MAR level's masked-patch selection to one of N sizes (no host sync,
+fixed shapes below level 0; ``FractalConfig.mask_buckets``); ``--compile`` wraps every transformer
+block's forward in ``torch.compile(dynamic=False)`` (one graph per block shape, so use it with
+``--mask-buckets``):
+
+    python -m bench.train --configs fractalmar_in64 --micro-batch 64 --mask-buckets 8 --compile
 """
 
 from __future__ import annotations
@@ -34,13 +41,38 @@ from bench.common import (
     time_steps,
 )
 from fractalgen.models import build_model, get_config
-from fractalgen.models.layers import attention_impl
+from fractalgen.models.layers import ARBlock, Block, attention_impl
+
+
+def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
+    """Wrap every transformer block's forward in ``torch.compile(dynamic=False)``; returns how many.
+
+    All blocks share one code object, so dynamo's per-code cache must hold one graph per block and
+    batch shape (mask buckets: up to N shapes per level below the top)."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 512)
+    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
+        torch._dynamo.config.accumulated_cache_size_limit = max(
+            torch._dynamo.config.accumulated_cache_size_limit, 4096
+        )
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Block | ARBlock):
+            m.forward = torch.compile(m.forward, dynamic=False, backend=backend)  # type: ignore[method-assign]
+            n += 1
+    return n
 
 
 def _model(args: argparse.Namespace, name: str, device: torch.device) -> torch.nn.Module:
     levels = tuple(int(x) for x in args.ckpt_levels.split(",")) if args.ckpt_levels else ()
-    model = build_model(name, grad_checkpointing=args.ckpt, checkpoint_levels=levels)
-    return model.to(device).train()
+    model = build_model(
+        name, grad_checkpointing=args.ckpt, checkpoint_levels=levels, mask_buckets=args.mask_buckets
+    )
+    model = model.to(device).train()
+    if args.compile:
+        compile_blocks(model, args.compile_backend)
+    return model
 
 
 def _batch(name: str, micro_batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,6 +161,10 @@ def measure(args: argparse.Namespace, name: str, engine: str) -> Result:
     setting = f"{engine} {args.precision} ckpt={'on' if args.ckpt else 'off'}{args.ckpt_levels and ':' + args.ckpt_levels}"
     if engine != "plain":
         setting += f" zero{args.zero}"
+    if args.mask_buckets:
+        setting += f" mb{args.mask_buckets}"
+    if args.compile:
+        setting += " compile"
     res = Result("train", name, setting, args.micro_batch, device=device_name(device))
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -190,6 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt", action="store_true", help="activation checkpointing")
     p.add_argument("--ckpt-levels", default="", help="comma-separated levels to checkpoint (default: all)")
     p.add_argument("--attention", default="auto", choices=("auto", "sdpa", "math"))
+    p.add_argument(
+        "--mask-buckets",
+        type=int,
+        default=0,
+        help="pad the MAR levels' masked-patch selection to N bucket sizes (0: off, exact)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile(dynamic=False) each transformer block"
+    )
+    p.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)"
+    )
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

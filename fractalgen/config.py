@@ -224,6 +224,10 @@ class RunModelConfig:
     # recompute block activations in backward (SPEC recipe: gradient checkpointing; PERF: needed at
     # micro-batch 64 on 80 GB)
     activation_checkpointing: bool = False
+    # > 0: pad the masked patches each MAR level passes down to one of this many bucket sizes, so the
+    # lower levels see fixed shapes and the selection needs no host sync (for torch.compile / CUDA
+    # graphs; same loss as 0, see docs/performance.md); 0: exact-size selection (released behaviour)
+    mask_buckets: int = 0
     # architecture overrides of the registered size, one entry per level (pixel head last); None keeps
     # the size's own. Any sizes that divide evenly build, e.g. a 128x128 model: img_sizes [128, 16, 4, 1]
     # (``fractalgen inspect NAME --set img_sizes=...`` shows the cost first)
@@ -237,6 +241,8 @@ class RunModelConfig:
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("name: must name a registered model")
+        if self.mask_buckets < 0:
+            raise ValueError(f"mask_buckets: must be >= 0, got {self.mask_buckets}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes: must be >= 1, got {self.num_classes}")
         for key in ("dropout", "label_drop_prob"):

@@ -7,6 +7,8 @@ Generation is sequential; with ``use_cache`` each step feeds one new token throu
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -74,6 +76,12 @@ class ARLevel(nn.Module):
         patches = patchify(imgs, p)  # (B, L, 3p^2)
         middle = self.predict(patches, conds)  # (B, L, D)
         cond_next = Conditions(middle.reshape(-1, 1, middle.size(-1)))  # (B*L, 1, D)
+        if conds.valid is not None:  # mask buckets above: every patch of a padding row is padding
+            cond_next = replace(
+                cond_next,
+                valid=conds.valid.repeat_interleave(self.seq_len),
+                num_valid=None if conds.num_valid is None else conds.num_valid * self.seq_len,
+            )
         return patches.reshape(-1, 3, p, p), cond_next, None
 
     @torch.no_grad()

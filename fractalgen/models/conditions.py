@@ -11,6 +11,10 @@ A level hands the next one, for every patch it passes down, a set of condition v
 ``Conditions`` keeps them as one tensor ``vectors`` of shape (N, C, D) with C = 5 or 1 (index 0 is
 always the middle condition) plus the optional ``pixel`` (N, 3). Selecting rows keeps the two together.
 
+Training with mask buckets (``FractalConfig.mask_buckets``) pads each level's selection of masked
+patches to a bucket size; ``valid`` (N,) bool then marks the real rows (the first ``num_valid``, a
+host-side count so the next level needs no device sync) and every loss below averages over them only.
+
 ``SampleSettings`` holds the sampling knobs that travel down the recursion unchanged.
 """
 
@@ -26,6 +30,8 @@ from torch import Tensor
 class Conditions:
     vectors: Tensor  # (N, C, D): [middle, top, right, bottom, left] or [middle]
     pixel: Tensor | None = None  # (N, 3) guiding pixel, normalised
+    valid: Tensor | None = None  # (N,) bool, mask buckets only: False for padding rows
+    num_valid: int | None = None  # mask buckets only: valid rows are the first num_valid (host int)
 
     @property
     def middle(self) -> Tensor:
@@ -37,6 +43,13 @@ class Conditions:
     def select(self, index: Tensor) -> Conditions:
         """Rows ``index`` (a bool mask or integer index over N)."""
         return Conditions(self.vectors[index], None if self.pixel is None else self.pixel[index])
+
+    def mean(self, values: Tensor) -> Tensor:
+        """Mean of per-row values (N,) over the valid rows (all rows when there is no padding)."""
+        if self.valid is None:
+            return values.mean()
+        weights = self.valid.to(values.dtype)
+        return (values * weights).sum() / weights.sum()
 
     def with_pixel(self, pixel: Tensor) -> Conditions:
         return replace(self, pixel=pixel)

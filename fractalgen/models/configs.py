@@ -41,6 +41,10 @@ class FractalConfig:
     # levels whose blocks recompute activations in backward when grad_checkpointing is on (selective
     # checkpointing: the lower levels hold most activations, PERF.md); empty = every level
     checkpoint_levels: tuple[int, ...] = ()
+    # training only, no effect on the state_dict: pad each MAR level's selection of masked patches to
+    # one of ``mask_buckets`` sizes (multiples of ceil(B*L / mask_buckets)) so the lower levels see a
+    # fixed set of batch shapes and the selection needs no host sync (PERF.md); 0 = off (exact rows)
+    mask_buckets: int = 0
     # released sampling defaults (SPEC, Sampling); used when sample() is called without them
     sample_iters: tuple[int, ...] = ()
     sample_cfg: float = 1.0
@@ -87,6 +91,8 @@ class FractalConfig:
             raise ValueError("num_classes must be >= 1")
         if any(not 0 <= lvl < n - 1 for lvl in self.checkpoint_levels):
             raise ValueError(f"checkpoint_levels must lie in 0..{n - 2}, got {self.checkpoint_levels}")
+        if self.mask_buckets < 0:
+            raise ValueError(f"mask_buckets must be >= 0 (0 = off), got {self.mask_buckets}")
         if self.sample_iters and len(self.sample_iters) != n - 1:
             raise ValueError(f"sample_iters needs {n - 1} entries")
 

@@ -59,6 +59,7 @@ class FractalGen(nn.Module):
                 guiding_pixel_head=c.guiding_pixel_head,
                 attn_dropout=c.attn_dropout,
                 proj_dropout=c.proj_dropout,
+                mask_buckets=c.mask_buckets,
             )
         else:
             self.generator = ARLevel(**common, dropout=c.proj_dropout)

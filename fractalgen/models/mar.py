@@ -64,9 +64,11 @@ class MARLevel(nn.Module):
         attn_dropout: float = 0.1,
         proj_dropout: float = 0.1,
         grad_checkpointing: bool = False,
+        mask_buckets: int = 0,
     ) -> None:
         super().__init__()
         self.seq_len = seq_len
+        self.mask_buckets = mask_buckets
         self.patch_size = patch_size
         self.num_conds = num_conds
         self.guiding_pixel = guiding_pixel
@@ -118,15 +120,36 @@ class MARLevel(nn.Module):
         return neighbour_conditions(x[:, self.num_prefix :])  # (B, L, 5, D)
 
     # ------------------------------------------------------------------ training / NLL
+    def draw_training_mask(self, batch: int, device: torch.device, *, on_host: bool) -> tuple[Tensor, Tensor]:
+        """Training masking: ranks (B, L) on ``device`` and per-image masked counts (B,) (float, >= 1)
+        on ``device``, or on the CPU when ``on_host`` (mask buckets: the total is then known without a
+        device sync). Tests replace this to give both selection paths the same draws."""
+        ranks = random_ranks(batch, self.seq_len, device)
+        rates = sample_mask_rates(batch, torch.device("cpu") if on_host else device)
+        return ranks, torch.ceil(self.seq_len * rates).clamp_(min=1)
+
+    def bucket_size(self, batch: int, num_masked: int) -> int:
+        """Rows passed down for ``num_masked`` masked patches of ``batch`` images: the next multiple of
+        ceil(B*L / mask_buckets), at most B*L."""
+        total = batch * self.seq_len
+        step = -(-total // self.mask_buckets)
+        return min(-(-num_masked // step) * step, total)
+
     def forward(self, imgs: Tensor, conds: Conditions) -> tuple[Tensor, Conditions, Tensor | None]:
-        """imgs (B, 3, S, S) -> (masked patches (M, 3, p, p), their conditions, guiding-pixel loss)."""
+        """imgs (B, 3, S, S) -> (masked patches (M, 3, p, p), their conditions, guiding-pixel loss).
+
+        With ``mask_buckets`` in training, M is padded to a bucket size and the conditions carry
+        ``valid`` (see ``_forward_bucketed``).
+        """
+        if self.training and self.mask_buckets > 0:
+            return self._forward_bucketed(imgs, conds)
         B = imgs.size(0)
         p = self.patch_size
         patches = patchify(imgs, p)  # (B, L, 3p^2)
-        ranks = random_ranks(B, self.seq_len, imgs.device)
         if self.training:
-            counts = torch.ceil(self.seq_len * sample_mask_rates(B, imgs.device)).clamp_(min=1)  # (B,)
+            ranks, counts = self.draw_training_mask(B, imgs.device, on_host=False)
         else:
+            ranks = random_ranks(B, self.seq_len, imgs.device)
             # NLL evaluation: one count m ~ U{1..L} for the batch (released ``random_masking_uniform``)
             m = torch.randint(1, self.seq_len + 1, (1,), device=imgs.device)
             counts = m.expand(B)
@@ -141,6 +164,40 @@ class MARLevel(nn.Module):
         cond_next = self.predict(patches, mask, conds)[mask]  # (M, 5, D)
         patches = patches[mask].reshape(-1, 3, p, p)  # (M, 3, p, p)
         return patches, Conditions(cond_next), gp_loss
+
+    def _forward_bucketed(self, imgs: Tensor, conds: Conditions) -> tuple[Tensor, Conditions, Tensor | None]:
+        """Training with mask buckets: the same masking as ``forward``, but the counts are drawn on
+        the host, the masked rows are gathered by index (masked rows first, in boolean-indexing
+        order) and padded with unmasked ones to ``bucket_size`` rows; ``valid`` marks the first M.
+
+        Rows of ``conds`` past ``conds.num_valid`` (padding from the level above) mask nothing, so
+        every masked row comes from a valid one and the valid rows stay a prefix at every level.
+        """
+        B = imgs.size(0)
+        p = self.patch_size
+        patches = patchify(imgs, p)  # (B, L, 3p^2)
+        ranks, counts = self.draw_training_mask(B, imgs.device, on_host=True)
+        counts = counts.cpu()  # the draw is on the host already: no device sync
+        if conds.num_valid is not None and conds.num_valid < B:
+            counts[conds.num_valid :] = 0
+        # a host-side total (``tolist`` reads the CPU tensor directly: no device sync, no aten op)
+        num_masked = int(sum(counts.tolist()))
+        rows = self.bucket_size(B, num_masked)
+        mask = ranks < counts.to(imgs.device, non_blocking=True).unsqueeze(1)  # (B, L)
+        # stable sort: masked positions first, each group in row-major order, as ``x[mask]`` gives
+        idx = torch.argsort((~mask).flatten().to(torch.int8), stable=True)[:rows]  # (rows,)
+
+        gp_loss = None
+        if self.guiding_pixel:
+            pixel = imgs.mean(dim=(-2, -1))  # (B, 3)
+            gp_loss = self.guiding_pixel_loss(pixel, conds)  # mean over conds.valid rows
+            conds = conds.with_pixel(pixel)
+
+        cond_all = self.predict(patches, mask, conds)  # (B, L, 5, D)
+        cond_next = cond_all.flatten(0, 1).index_select(0, idx)  # (rows, 5, D)
+        patches = patches.flatten(0, 1).index_select(0, idx).reshape(-1, 3, p, p)  # (rows, 3, p, p)
+        valid = torch.arange(rows, device=imgs.device) < num_masked
+        return patches, Conditions(cond_next, valid=valid, num_valid=num_masked), gp_loss
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -142,15 +142,20 @@ class PixelHead(nn.Module):
         logits = self.predict(ids, conds.middle)
         return F.cross_entropy(logits.reshape(-1, 256), ids.reshape(-1), reduction="none").view(-1, 3)
 
-    def combine(self, ce: Tensor) -> Tensor:
-        """Training: (r_weight*CE_R + CE_G + CE_B)/(r_weight+2); evaluation: mean of the three CEs."""
+    def combine(self, ce: Tensor, conds: Conditions | None = None) -> Tensor:
+        """Training: (r_weight*CE_R + CE_G + CE_B)/(r_weight+2); evaluation: mean of the three CEs.
+        With ``conds.valid`` (mask buckets) the mean is over the valid rows only."""
         if self.training:
-            return ((self.r_weight * ce[:, 0] + ce[:, 1] + ce[:, 2]) / (self.r_weight + 2)).mean()
+            per_row = (self.r_weight * ce[:, 0] + ce[:, 1] + ce[:, 2]) / (self.r_weight + 2)
+            if conds is not None and conds.valid is not None:
+                return conds.mean(per_row)
+            return per_row.mean()
         return ce.mean()
 
     def forward(self, pixels: Tensor, conds: Conditions) -> Tensor:
-        """Loss for normalised pixels (N, 3) given their conditions (mean over N)."""
-        return self.combine(self.loss_terms(pixels, conds))
+        """Loss for normalised pixels (N, 3) given their conditions (mean over N, or over the valid
+        rows when ``conds.valid`` is set)."""
+        return self.combine(self.loss_terms(pixels, conds), conds)
 
     @torch.no_grad()
     def sample(

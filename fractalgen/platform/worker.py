@@ -109,6 +109,7 @@ def build_run_model(plan: WorkerPlan):
         proj_dropout=m.dropout,
         label_drop_prob=m.label_drop_prob,
         grad_checkpointing=m.activation_checkpointing,
+        mask_buckets=m.mask_buckets,
         class_names=tuple(plan.class_names),
     )
 

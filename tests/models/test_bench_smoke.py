@@ -60,3 +60,20 @@ def test_scaling_model_matches_hand_count() -> None:
     comm = 2 * 63 / 64 * P * 4 / 50e9  # EFA: 400 GB/s per node of 8 GPUs
     compute = 0.356 / 2  # 16 images per GPU at 0.356 s per 32
     assert r["efficiency"] == pytest.approx(compute / (compute + comm / 2))
+
+
+def test_train_benchmark_takes_mask_buckets_and_compile_wraps_blocks(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bench import train
+    from fractalgen.models import build_model
+
+    assert train.main(["--configs", "fractalmar_tiny32", "--micro-batch", "2", "--steps", "1", "--warmup", "0",
+                       "--precision", "fp32", "--mask-buckets", "4", "--device", "cpu"]) == 0  # fmt: skip
+    rows = _json_rows(capsys.readouterr().out)
+    assert rows[0]["status"] == "ok" and "mb4" in rows[0]["setting"]
+    model = build_model("fractalmar_tiny32")
+    keys = list(model.state_dict())
+    # blocks: 2 + 1 + 1 in the levels, 1 in the pixel head, 1 in each of the 2 guiding-pixel heads
+    assert train.compile_blocks(model, "aot_eager") == 7
+    assert list(model.state_dict()) == keys  # compiling (lazily, on first call) leaves the state_dict as is

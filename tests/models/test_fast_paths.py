@@ -3,17 +3,21 @@
 - short-sequence ``math`` attention (the GPU path for huge batches of tiny sequences) vs SDPA;
 - bf16 autocast vs float32 (within bf16 tolerance), same masks;
 - selective activation checkpointing: same loss and gradients;
-- cached pixel-head sampling vs full recomputation: same images with the same seed.
+- cached pixel-head sampling vs full recomputation: same images with the same seed;
+- bucketed masked-patch selection (``mask_buckets``) vs exact boolean selection: same loss and
+  gradients with the same draws, fixed row counts below level 0, no host-syncing ops.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fractalgen.models import build_model
 from fractalgen.models.conditions import Conditions, SampleSettings
 from fractalgen.models.layers import attend, attention_impl
+from fractalgen.models.mar import MARLevel, sample_mask_rates
 from fractalgen.models.pixel_head import PixelHead
 
 
@@ -107,3 +111,166 @@ def test_model_sampling_same_images_on_both_attention_paths() -> None:
     with attention_impl("math"):
         b = model.sample(labels, seed=9, num_iters=(3, 2, 2), cfg=2.0)
     assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- mask buckets (opt-in, training)
+class _FixedDraws:
+    """Masking draws from a fixed table per level (row b always gets table row b), so the bucketed and
+    the exact selection see the same ranks and counts for every real row."""
+
+    def __init__(self) -> None:
+        self.tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(
+        self, level: MARLevel, batch: int, device: torch.device, *, on_host: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        L = level.seq_len
+        key = (L, level.patch_size)
+        if key not in self.tables:
+            g = torch.Generator().manual_seed(1000 * L + level.patch_size)
+            ranks = torch.rand(4096, L, generator=g).argsort(dim=1).argsort(dim=1)
+            counts = torch.ceil(L * sample_mask_rates(4096, torch.device("cpu"), generator=g)).clamp_(min=1)
+            self.tables[key] = (ranks, counts)
+        ranks, counts = self.tables[key]
+        return ranks[:batch].to(device), counts[:batch].clone().to("cpu" if on_host else device)
+
+
+@pytest.fixture
+def fixed_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    draws = _FixedDraws()
+    monkeypatch.setattr(
+        MARLevel, "draw_training_mask", lambda self, b, d, *, on_host: draws(self, b, d, on_host=on_host)
+    )
+    # the pixel heads' rounding noise is drawn per row: the padded batch would draw other numbers
+    original = PixelHead.pixels_to_ids
+    monkeypatch.setattr(PixelHead, "pixels_to_ids", lambda self, pixels, noise: original(self, pixels, False))
+
+
+# a MAR level above an AR level: the AR level passes the validity of its rows down
+_MAR_AR = {"generators": ("mar", "ar"), "num_conds": 1}
+
+
+def _pair(name: str, buckets: int, **overrides: object) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    base = build_model(name, attn_dropout=0.0, proj_dropout=0.0, **overrides).double()
+    bucketed = build_model(
+        name, attn_dropout=0.0, proj_dropout=0.0, mask_buckets=buckets, **overrides
+    ).double()
+    bucketed.load_state_dict(base.state_dict(), strict=True)  # same parameters: the state_dict is unchanged
+    return base, bucketed
+
+
+def _record_levels(model: torch.nn.Module) -> list[tuple[int, int, int | None, int]]:
+    """(level seq_len, rows in, rows out, valid rows out) for every MAR level forward."""
+    seen: list[tuple[int, int, int | None, int]] = []
+    for m in model.modules():
+        if isinstance(m, MARLevel):
+
+            def hook(mod: MARLevel, args: tuple, out: tuple, seen=seen) -> None:
+                seen.append((mod.seq_len, args[0].size(0), out[1].num_valid, out[0].size(0)))
+
+            m.register_forward_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize("buckets", [1, 3, 8])
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [("fractalmar_tiny16", {}), ("fractalmar_tiny32", {}), ("fractalmar_tiny16", _MAR_AR)],
+    ids=["tiny16", "tiny32", "tiny16-mar-ar"],
+)
+def test_bucketed_selection_keeps_loss_and_gradients(
+    name: str, overrides: dict, buckets: int, fixed_draws: None
+) -> None:
+    base, bucketed = _pair(name, buckets, **overrides)
+    S = base.config.img_size
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 3, S, S, dtype=torch.float64), torch.randint(0, 10, (4,))
+    seen = _record_levels(bucketed)
+    torch.manual_seed(2)
+    ta = base.loss_terms(x, y)
+    torch.manual_seed(2)
+    tb = bucketed.loss_terms(x, y)
+    assert any(valid < rows for _, _, valid, rows in seen)  # some level really was padded
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], rtol=0, atol=1e-10, msg=k)
+    sum(ta.values()).backward()
+    sum(tb.values()).backward()
+    for (n, pa), pb in zip(base.named_parameters(), bucketed.parameters()):
+        if pa.grad is None:
+            assert pb.grad is None or not pb.grad.any(), n
+        else:
+            torch.testing.assert_close(pb.grad, pa.grad, rtol=0, atol=1e-9, msg=n)
+
+
+@pytest.mark.parametrize("name", ["fractalmar_tiny16", "fractalmar_tiny32"])
+def test_bucketed_lower_levels_see_bucket_sizes_only(name: str) -> None:
+    k = 4
+    torch.manual_seed(0)
+    model = build_model(name, mask_buckets=k).train()
+    seen = _record_levels(model)
+    heads: list[int] = []
+    for m in model.modules():
+        if isinstance(m, PixelHead):
+            m.register_forward_pre_hook(lambda mod, args: heads.append(args[0].size(0)))
+    S = model.config.img_size
+    B = 3
+    for seed in range(6):
+        torch.manual_seed(seed)
+        model(torch.randn(B, 3, S, S), torch.randint(0, 10, (B,))).backward()
+    levels = model.config.num_levels
+    assert len(seen) == 6 * levels
+    outs = set()
+    for i, (L, rows_in, valid, rows_out) in enumerate(seen):
+        step = -(-rows_in * L // k)
+        assert rows_out == rows_in * L or rows_out % step == 0, (rows_in, L, rows_out)
+        assert valid is not None and 0 < valid <= rows_out < valid + step
+        if i % levels == 0:
+            assert rows_in == B
+            outs.add(rows_out)
+        else:
+            assert rows_in == seen[i - 1][3]  # a level gets exactly the rows the level above passed down
+    assert len(outs) <= k
+    # the pixel head and the guiding-pixel heads only ever get a level's padded row counts
+    assert set(heads) <= {r for _, _, _, r in seen} | {B}
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncing: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func in (torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default):
+            self.syncing.append(str(func))
+        if func is torch.ops.aten.index.Tensor and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+        ):
+            self.syncing.append("boolean index")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["fractalmar_tiny16", "fractalmar_tiny32"])
+def test_bucketed_training_step_has_no_host_sync_ops(name: str) -> None:
+    def run(buckets: int) -> list[str]:
+        torch.manual_seed(0)
+        model = build_model(name, mask_buckets=buckets).train()
+        S = model.config.img_size
+        x, y = torch.randn(2, 3, S, S), torch.tensor([1, 2])
+        with _OpRecorder() as rec:
+            model(x, y).backward()
+        return rec.syncing
+
+    assert run(0)  # the recorder does see the exact selection's syncs
+    assert run(4) == []
+
+
+def test_bucketed_model_evaluates_like_the_exact_one() -> None:
+    base, bucketed = _pair("fractalmar_tiny32", 4)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.manual_seed(3)
+    a = base.nll_bpd(x)
+    torch.manual_seed(3)
+    assert torch.equal(bucketed.nll_bpd(x), a)
