@@ -23,7 +23,12 @@ def test_demo_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the demo sets it; restored afterwards
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--set", "train.max_steps=4", "--set", "checkpoint.every_steps=2"]
-    assert main(args) == 0
+    try:
+        assert main(args) == 0
+    finally:
+        import ray
+
+        ray.shutdown()  # the demo starts a local Ray, as `make demo` does; later modules start their own
     printed = capsys.readouterr().out
 
     weights = load_released(out / "fractalmar_demo32.pth")  # strict load of the exported weights
