@@ -128,7 +128,7 @@ def check_source(
 ) -> tuple[tuple[int, int], ...]:
     """Driver-side check: the source resolves, is a checkpoint, shares tensors with ``model`` (built on
     the meta device is enough) and the class map resolves. Returns the resolved class map."""
-    from fractalgen.models.checkpoint import CheckpointError, read_checkpoint
+    from fractalgen.models.checkpoint import _CONFIG_KEY, CheckpointError, _args_dict, read_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="fractalgen-finetune-") as work:
         path = fetch_source(init, work, tracking_uri=tracking_uri, endpoint=endpoint)
@@ -148,9 +148,8 @@ def check_source(
             f"whose name and shape fit): weights of another architecture? Its model: "
             f"{_describe_source(ckpt)}"
         )
-    args = ckpt.get("args")
-    args = vars(args) if args is not None and not isinstance(args, dict) else (args or {})
-    stored = args.get("fractalgen_config") or {}
+    args = _args_dict(ckpt.get("args"))
+    stored = args.get(_CONFIG_KEY) or {}
     source_names = [str(c) for c in (args.get("class_names") or stored.get("class_names") or ())]
     source_classes = int(source[CLASS_EMBEDDING].shape[0]) if CLASS_EMBEDDING in source else 0
     num_classes = int(own[CLASS_EMBEDDING].shape[0]) if CLASS_EMBEDDING in own else 1
