@@ -84,6 +84,30 @@ class ARLevel(nn.Module):
             )
         return patches.reshape(-1, 3, p, p), cond_next, None
 
+    def _known_step(
+        self,
+        h: Tensor,
+        step: int,
+        full: Tensor,
+        kp: Tensor,
+        km: Tensor,
+        cfg_step: Tensor,
+        guided: bool,
+        next_level: NextLevel,
+    ) -> Tensor:
+        """Patch ``step`` of every image (n, 3p^2) when some are known: known ones are copied, the
+        others (partly known ones included) are generated from their rows of ``h``."""
+        p = self.patch_size
+        new = torch.where(full[:, step, None], kp[:, step], torch.zeros_like(kp[:, step]))
+        todo = ~full[:, step]  # (n,)
+        if bool(todo.any()):
+            sel = torch.cat([todo, todo]) if guided else todo
+            sub_known = kp[todo, step].reshape(-1, 3, p, p)
+            sub_mask = km[todo, step].reshape(-1, p, p)
+            out = next_level(Conditions(h[sel].unsqueeze(1)), cfg_step[todo], sub_known, sub_mask)
+            new[todo] = out.reshape(out.size(0), -1).to(new.dtype)
+        return new
+
     @torch.no_grad()
     def sample(
         self,
@@ -141,21 +165,15 @@ class ARLevel(nn.Module):
                 for block in self.blocks:
                     x = block(x, rope)
                 h = self.norm(x)[:, -1]
-            todo = ~full[:, step]  # (n,)
             if cfg_schedule == "linear":
                 cfg_step = 1 + (cfg - 1) * (step + 1) / L
             else:
                 cfg_step = cfg
-            new = patches[:, step].clone()
-            if kp is not None:
-                new = torch.where(full[:, step, None], kp[:, step], new)
-            if bool(todo.any()):
-                sel = torch.cat([todo, todo]) if guided else todo
-                sub_known = kp[todo, step].reshape(-1, 3, p, p) if kp is not None else None
-                sub_mask = km[todo, step].reshape(-1, p, p) if km is not None else None
-                out = next_level(Conditions(h[sel].unsqueeze(1)), cfg_step[todo], sub_known, sub_mask)
-                new[todo] = out.reshape(out.size(0), -1).to(dtype)
-            patches[:, step] = new
+            if kp is None:  # nothing known: every row gets a patch (no selection, no device sync)
+                out = next_level(Conditions(h.unsqueeze(1)), cfg_step, None, None)
+                patches[:, step] = out.reshape(n, -1).to(dtype)
+            else:
+                patches[:, step] = self._known_step(h, step, full, kp, km, cfg_step, guided, next_level)
             if on_step is not None:
                 done = torch.zeros(n, L, dtype=torch.bool, device=device)
                 done[:, : step + 1] = True

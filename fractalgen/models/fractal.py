@@ -217,7 +217,8 @@ class FractalGen(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if labels.dim() != 1:
             raise ValueError("labels must be a 1-D tensor of class indices")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= c.num_classes):
+        values = labels.tolist()  # for labels already on the host: no aten op, so no sync later on
+        if values and (min(values) < 0 or max(values) >= c.num_classes):
             raise ValueError(f"labels must lie in 0..{c.num_classes - 1}")
         device = self.fake_latent.device
         labels = labels.to(device)

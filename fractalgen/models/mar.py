@@ -200,6 +200,69 @@ class MARLevel(nn.Module):
         return patches, Conditions(cond_next, valid=valid, num_valid=num_masked), gp_loss
 
     # ------------------------------------------------------------------ generation
+    def _scheduled(self, step: int, num_iter: int) -> int:
+        """Cosine schedule: patches still masked after ``step`` (before the per-image clamps)."""
+        return math.floor(self.seq_len * math.cos(math.pi / 2.0 * (step + 1) / num_iter))
+
+    def _step_cfg(self, cfg: Tensor, cfg_schedule: str, next_count: Tensor | int) -> Tensor:
+        """Guidance scale of a step (n,): ``linear`` rises with the share of patches generated."""
+        if cfg_schedule != "linear":
+            return cfg
+        if isinstance(next_count, Tensor):
+            next_count = next_count.to(cfg.dtype)
+        return 1 + (cfg - 1) * (self.seq_len - next_count) / self.seq_len
+
+    def _sample_uniform(
+        self,
+        patches: Tensor,
+        order: Tensor,
+        conds: Conditions,
+        num_iter: int,
+        cfg: Tensor,
+        cfg_schedule: str,
+        guided: bool,
+        next_level: NextLevel,
+        on_step: StepHook | None,
+    ) -> Tensor:
+        """Generation when no patch is known: the same steps as the general loop in ``sample`` (same
+        random draws, same row order, same images) without a device sync.
+
+        All images have the same masked count at every step, so the counts live on the host and the
+        patches of a step are gathered by index: ``order`` (n, L) lists each image's positions in
+        its random order; a step predicts ``order[:, next:now]``, sorted so that rows come out image by
+        image in position order, as boolean indexing gives them. The next level then gets a row
+        count known in advance (fixed shapes per step: no ``nonzero``, ``item`` or boolean indexing).
+        """
+        n, L, width = patches.shape
+        p = self.patch_size
+        ranks = order.argsort(dim=1)
+        masked_now = L
+        for step in range(num_iter):
+            if masked_now == 0:
+                break
+            # the released schedule: the guidance of the last step uses the clamped count too
+            scheduled_count = max(min(masked_now - 1, self._scheduled(step, num_iter)), 1)
+            next_count = 0 if step == num_iter - 1 else scheduled_count
+            cfg_step = self._step_cfg(cfg, cfg_schedule, scheduled_count)
+            k = masked_now - next_count
+            if k > 0:
+                mask = ranks < masked_now  # (n, L)
+                inp_patches = torch.cat([patches, patches]) if guided else patches
+                inp_mask = torch.cat([mask, mask]) if guided else mask
+                cond_all = self.predict(inp_patches, inp_mask, conds)  # (n or 2n, L, 5, D)
+                pos = order[:, next_count:masked_now].sort(dim=1).values  # (n, k)
+                pos_all = torch.cat([pos, pos]) if guided else pos
+                C, D = cond_all.shape[-2:]
+                picked = cond_all.gather(1, pos_all[:, :, None, None].expand(-1, -1, C, D))  # (R, k, C, D)
+                new = next_level(Conditions(picked.flatten(0, 1)), cfg_step.repeat_interleave(k), None, None)
+                patches = patches.scatter(
+                    1, pos[:, :, None].expand(-1, -1, width), new.reshape(n, k, width).to(patches.dtype)
+                )
+            masked_now = next_count
+            if on_step is not None:
+                on_step(unpatchify(patches, p), ranks >= masked_now)
+        return patches
+
     @torch.no_grad()
     def sample(
         self,
@@ -242,14 +305,20 @@ class MARLevel(nn.Module):
 
         # known patches go last in the order so that the masked set is always a prefix of it
         keys = torch.rand(n, L, device=device, generator=gen).masked_fill(full, 2.0)
+        num_iter = min(L, num_iter)
+        if kp is None:
+            # nothing known: every image has the same counts, so they are computed on the host
+            patches = self._sample_uniform(
+                patches, keys.argsort(dim=1), conds, num_iter, cfg, cfg_schedule, guided, next_level, on_step
+            )
+            return unpatchify(patches, p)
         ranks = keys.argsort(dim=1).argsort(dim=1)
         mask = ~full  # (n, L): still to generate
-        num_iter = min(L, num_iter)
         for step in range(num_iter):
             masked_now = mask.sum(dim=1)  # (n,)
             if not bool(masked_now.any()):
                 break
-            scheduled = math.floor(L * math.cos(math.pi / 2.0 * (step + 1) / num_iter))
+            scheduled = self._scheduled(step, num_iter)
             # at least one stays masked for the next step, at most all but one of the current ones
             next_count = torch.clamp(torch.clamp(masked_now - 1, max=scheduled), min=1)
             if step == num_iter - 1:
@@ -257,17 +326,14 @@ class MARLevel(nn.Module):
             else:
                 mask_next = ranks < next_count.unsqueeze(1)
                 to_pred = mask & ~mask_next
-            if cfg_schedule == "linear":
-                cfg_step = 1 + (cfg - 1) * (L - next_count.to(cfg.dtype)) / L  # (n,)
-            else:
-                cfg_step = cfg
+            cfg_step = self._step_cfg(cfg, cfg_schedule, next_count)
             if bool(to_pred.any()):
                 inp_patches = torch.cat([patches, patches]) if guided else patches
                 inp_mask = torch.cat([mask, mask]) if guided else mask
                 cond_all = self.predict(inp_patches, inp_mask, conds)  # (n or 2n, L, 5, D)
                 sel = torch.cat([to_pred, to_pred]) if guided else to_pred
                 rows = to_pred.nonzero(as_tuple=True)[0]  # image index of each predicted patch
-                sub_known = kp[to_pred].reshape(-1, 3, p, p) if kp is not None else None
+                sub_known = kp[to_pred].reshape(-1, 3, p, p)
                 sub_mask = km[to_pred].reshape(-1, p, p) if km is not None else None
                 new = next_level(Conditions(cond_all[sel]), cfg_step[rows], sub_known, sub_mask)
                 patches[to_pred] = new.reshape(new.size(0), -1).to(dtype)

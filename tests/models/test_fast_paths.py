@@ -5,7 +5,9 @@
 - selective activation checkpointing: same loss and gradients;
 - cached pixel-head sampling vs full recomputation: same images with the same seed;
 - bucketed masked-patch selection (``mask_buckets``) vs exact boolean selection: same loss and
-  gradients with the same draws, fixed row counts below level 0, no host-syncing ops.
+  gradients with the same draws, fixed row counts below level 0, no host-syncing ops;
+- sampling without known pixels (host-side counts, index gathers) vs the general loop that handles
+  known pixels: same images with the same seed, and no host-syncing op.
 """
 
 from __future__ import annotations
@@ -245,10 +247,10 @@ class _OpRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in (torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default):
             self.syncing.append(str(func))
-        if func is torch.ops.aten.index.Tensor and any(
+        if func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default) and any(
             isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
         ):
-            self.syncing.append("boolean index")
+            self.syncing.append(f"boolean {func}")
         return func(*args, **kwargs)
 
 
@@ -274,3 +276,46 @@ def test_bucketed_model_evaluates_like_the_exact_one() -> None:
     a = base.nll_bpd(x)
     torch.manual_seed(3)
     assert torch.equal(bucketed.nll_bpd(x), a)
+
+
+# ---------------------------------------------------------------- sampling without device syncs
+def _nothing_known(model: torch.nn.Module, n: int) -> dict[str, torch.Tensor]:
+    S = model.config.img_size
+    return {"known": torch.zeros(n, 3, S, S), "known_mask": torch.zeros(n, S, S, dtype=torch.bool)}
+
+
+@pytest.mark.parametrize(
+    ("name", "cfg", "schedule"),
+    [
+        ("fractalmar_tiny32", 2.5, "linear"),  # guiding pixels, guided
+        ("fractalmar_tiny16", 1.0, "constant"),
+        ("fractalar_tiny16", 3.0, "linear"),
+    ],
+)
+def test_sync_free_sampling_gives_the_images_of_the_general_loop(
+    name: str, cfg: float, schedule: str
+) -> None:
+    """With nothing known, ``sample`` takes the sync-free path; an all-False known mask sends the same
+    request through the general loop (per-image counts, boolean selection). Same seed, same images."""
+    torch.manual_seed(0)
+    model = build_model(name).double()
+    labels = torch.tensor([1, 4, 3])
+    kw = {"seed": 9, "cfg": cfg, "cfg_schedule": schedule, "num_iters": (4, 3, 2)[: model.config.num_levels]}
+    fast = model.sample(labels, **kw)
+    general = model.sample(labels, **kw, **_nothing_known(model, 3))
+    assert torch.equal(fast, general)
+    assert not torch.equal(fast, model.sample(labels, **{**kw, "seed": 10}))  # the seed matters
+
+
+@pytest.mark.parametrize("name", ["fractalmar_tiny32", "fractalar_tiny16"])
+def test_sampling_without_known_pixels_has_no_host_sync_ops(name: str) -> None:
+    model = build_model(name)
+    labels = torch.tensor([1, 2])
+
+    def syncing(**known: torch.Tensor) -> list[str]:
+        with _OpRecorder() as rec:
+            model.sample(labels, seed=0, cfg=2.0, **known)
+        return rec.syncing
+
+    assert syncing(**_nothing_known(model, 2))  # the recorder does see the general loop's syncs
+    assert syncing() == []
