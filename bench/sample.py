@@ -18,7 +18,7 @@ import torch
 
 from bench.common import Result, device_name, peak_gib, print_results, sync
 from fractalgen.models import build_model
-from fractalgen.models.layers import attention_impl
+from fractalgen.models.layers import ATTENTION_IMPLS, attention_impl
 
 
 def measure(args: argparse.Namespace, name: str, batch: int) -> Result:
@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-iters", default="", help="iterations per level (default: the released ones)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the released one)")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
-    p.add_argument("--attention", default="auto", choices=("auto", "sdpa", "math"))
+    p.add_argument(
+        "--attention", default="auto", choices=ATTENTION_IMPLS, help="attention path (see layers.attend)"
+    )
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

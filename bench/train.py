@@ -41,7 +41,7 @@ from bench.common import (
     time_steps,
 )
 from fractalgen.models import build_model, get_config
-from fractalgen.models.layers import ARBlock, Block, attention_impl
+from fractalgen.models.layers import ATTENTION_IMPLS, ARBlock, Block, attention_impl
 
 
 def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--ckpt", action="store_true", help="activation checkpointing")
     p.add_argument("--ckpt-levels", default="", help="comma-separated levels to checkpoint (default: all)")
-    p.add_argument("--attention", default="auto", choices=("auto", "sdpa", "math"))
+    p.add_argument(
+        "--attention", default="auto", choices=ATTENTION_IMPLS, help="attention path (see layers.attend)"
+    )
     p.add_argument(
         "--mask-buckets",
         type=int,

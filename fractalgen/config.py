@@ -228,6 +228,10 @@ class RunModelConfig:
     # lower levels see fixed shapes and the selection needs no host sync (for torch.compile / CUDA
     # graphs; same loss as 0, see docs/performance.md); 0: exact-size selection (released behaviour)
     mask_buckets: int = 0
+    # attention kernels (``fractalgen.models.layers.attend``): auto (SDPA; batched matmuls for huge
+    # batches of short sequences on GPUs), sdpa, math, or fused (a Triton kernel for the pixel head's
+    # 4-token sequences on GPUs, the rest as auto); all compute the same, speed: docs/performance.md
+    attention: Literal["auto", "sdpa", "math", "fused"] = "auto"
     # architecture overrides of the registered size, one entry per level (pixel head last); None keeps
     # the size's own. Any sizes that divide evenly build, e.g. a 128x128 model: img_sizes [128, 16, 4, 1]
     # (``fractalgen inspect NAME --set img_sizes=...`` shows the cost first)

@@ -5,6 +5,9 @@
   asks for the fixture gets the AWS/S3 environment variables set for its duration (dummy
   credentials, region, ``S3_ENDPOINT_URL`` for mosaicml-streaming, ``AWS_ENDPOINT_URL`` for boto3)
   and restored afterwards. Use ``s3_server.new_bucket()`` for a fresh, empty bucket per test.
+
+Triton kernels (``fractalgen.models.tiny_attention``) run in Triton's interpreter on the CPU: the
+variable must be set before anything imports Triton, hence here, at import time.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @dataclass

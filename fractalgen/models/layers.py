@@ -5,8 +5,10 @@
 - ``ARBlock``: the LlamaGen-style block of the AR levels (RMSNorm, fused wqkv without bias, 2-D
   rotary embedding, SwiGLU), with an optional key/value cache for sequential sampling.
 
-All attention goes through ``torch.nn.functional.scaled_dot_product_attention``; with
-``attn_dropout`` the dropout acts on the attention probabilities, as in the released code.
+All attention goes through ``attend``: ``torch.nn.functional.scaled_dot_product_attention`` by
+default, batched matmuls or the fused Triton kernel of ``tiny_attention`` for huge batches of tiny
+sequences; with ``attn_dropout`` the dropout acts on the attention probabilities, as in the released
+code.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fractalgen.models import tiny_attention
 
 
 def init_weights(module: nn.Module) -> None:
@@ -53,15 +57,23 @@ class KVCache:
 # which the lower levels reach at training batch sizes (~170,000 pixel-head sequences per 64 images).
 _SDPA_MAX_BATCH_HEADS = 65535
 _DEFAULT_IMPL = ["auto"]
+ATTENTION_IMPLS = ("auto", "sdpa", "math", "fused")
+
+
+def set_attention_impl(impl: str) -> str:
+    """Make ``impl`` (one of ``ATTENTION_IMPLS``) the default of every later ``attend`` call that does
+    not name one, in this process (training workers: ``model.attention``); returns the previous one."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl must be one of {', '.join(ATTENTION_IMPLS)}, got {impl!r}")
+    before = _DEFAULT_IMPL[0]
+    _DEFAULT_IMPL[0] = impl
+    return before
 
 
 @contextmanager
 def attention_impl(impl: str) -> Iterator[None]:
-    """Use ``impl`` ("auto", "sdpa" or "math") for every ``attend`` call that does not name one."""
-    if impl not in ("auto", "sdpa", "math"):
-        raise ValueError(f"attention impl must be auto, sdpa or math, got {impl!r}")
-    before = _DEFAULT_IMPL[0]
-    _DEFAULT_IMPL[0] = impl
+    """``set_attention_impl(impl)`` for the duration of the block."""
+    before = set_attention_impl(impl)
     try:
         yield
     finally:
@@ -73,13 +85,24 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, dropout_p: 
     """Scaled dot-product attention of (B, H, N, hd) tensors.
 
     ``impl``: ``"sdpa"`` (``F.scaled_dot_product_attention``), ``"math"`` (explicit batched matmuls in
-    the input dtype: the path for many short sequences, e.g. the pixel head's 4 tokens) or ``"auto"``
+    the input dtype: the path for many short sequences, e.g. the pixel head's 4 tokens), ``"fused"``
+    (the Triton kernel of ``tiny_attention`` for self-attention over at most 16 tokens without
+    dropout on a GPU, e.g. the pixel head in training; anything else as ``"auto"``) or ``"auto"``
     (the default, changed with ``attention_impl``):
     SDPA unless the tensors are on a GPU with batch x heads above the kernels' grid limit, where
     sequences of up to 64 tokens take the math path and longer ones run SDPA in chunks.
     """
     B, H, N, hd = q.shape
     impl = impl or _DEFAULT_IMPL[0]
+    if impl == "fused":
+        if (
+            dropout_p == 0
+            and N <= tiny_attention.MAX_TOKENS
+            and q.shape == k.shape == v.shape
+            and tiny_attention.available(q)
+        ):
+            return tiny_attention.tiny_attention(q, k, v, causal)
+        impl = "auto"
     if impl == "auto":
         impl = "sdpa"
         if q.is_cuda and B * H > _SDPA_MAX_BATCH_HEADS:

@@ -360,6 +360,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     _lean_streaming_import()
+    from fractalgen.models.layers import set_attention_impl
     from fractalgen.pipelines import storage
     from fractalgen.pipelines.loader import build_loader
     from fractalgen.platform.engine import apply_hyperparameters, full_state_dict, setup_engine
@@ -371,6 +372,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if use_gpu:
         torch.cuda.set_device(device)
 
+    set_attention_impl(cfg.model.attention)  # this worker process trains this run only
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
     model = build_run_model(plan)
     checkpoint = ray.train.get_checkpoint()

@@ -83,6 +83,7 @@ def test_dotted_overrides_are_typed() -> None:
         ("cluster.gpus_per_worker=2", "cluster.gpus_per_worker"),
         ("checkpoint.keep_last=0", "checkpoint.keep_last"),
         ("mlflow.tracking_uri=[1]", "mlflow.tracking_uri"),
+        ("model.attention=flash", "model.attention"),
     ],
 )
 def test_bad_key_or_value_fails_before_ray_naming_the_key(override: str, key: str, capsys) -> None:
@@ -296,3 +297,12 @@ def test_pruning_keeps_the_latest_n_and_the_best(tmp_path: Path, keep_best: bool
     expected = {5, 6} | ({2} if keep_best else set())
     assert kept == sorted(checkpoint_dir_name(s) for s in expected)
     assert sorted(deleted) == sorted(checkpoint_dir_name(s) for s in set(range(1, 7)) - expected)
+
+
+def test_recipe_attention_choices_are_the_models_own() -> None:
+    import typing
+
+    from fractalgen.config import RunModelConfig
+    from fractalgen.models.layers import ATTENTION_IMPLS
+
+    assert typing.get_args(typing.get_type_hints(RunModelConfig)["attention"]) == ATTENTION_IMPLS

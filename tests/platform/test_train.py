@@ -131,6 +131,32 @@ def test_zero_run_trains_and_checkpoint_restores_bit_exactly(
     assert model.config.img_size == 16 and model.config.num_classes == 10
 
 
+def test_fused_attention_run_follows_the_reference(cluster, dataset, tmp_path) -> None:
+    """``model.attention=fused``: the workers' pixel heads run the Triton kernel (the interpreter on
+    these CPU workers, TRITON_INTERPRET from tests/conftest.py) inside DeepSpeed's engine. From the
+    reference's step-4 checkpoint the losses follow the reference within float32 tolerance, and not
+    bit for bit: the kernel, not SDPA, computed them."""
+    from fractalgen.platform.train import run_training
+
+    ref = reference_run(2, dataset, str(tmp_path / "runs"))
+    cfg = tiny_config(
+        name="fused2",
+        data=dataset,
+        storage_path=str(tmp_path / "fused"),
+        stage=2,
+        steps=8,
+        every=8,
+        extra=["model.attention=fused", f"checkpoint.init_from={ref.run_uri}/checkpoint_000000004"],
+    )
+    out = run_training(cfg)
+    history = losses(read_checkpoint_files(out.checkpoint)["state"])
+    reference = losses(ref.state)
+    assert sorted(history) == list(range(1, 9))  # steps 1-4 come with the checkpoint
+    fused = {s: history[s] for s in range(5, 9)}
+    assert all(abs(fused[s] - reference[s]) < 1e-4 * abs(reference[s]) for s in fused), (fused, reference)
+    assert any(fused[s] != reference[s] for s in fused)
+
+
 def _train_worker_pids() -> list[int]:
     """Ray Train worker processes of this module's Ray (children of its raylet, nobody else's)."""
     import psutil
