@@ -51,6 +51,45 @@ def time_steps(step: Callable[[], Any], *, warmup: int, steps: int, device: torc
     return times
 
 
+def profile_steps(step: Callable[[], Any], *, steps: int, device: torch.device, label: str,
+                  row_limit: int = 12) -> dict[str, Any]:  # fmt: skip
+    """Profile evidence for a row: ``steps`` calls of ``step`` under ``torch.profiler``.
+
+    Prints the operators that take the most self time (device time on a GPU, CPU time on a CPU) and
+    returns a summary for the JSON line: on a GPU, ``device_busy`` (kernel time / wall time: far below
+    1 means the host, launches or syncs limit the row, not the GPU) and ``kernels_per_step``; and the
+    top operators with their share of the profiled self time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    if on_gpu and not hasattr(events[0], key):  # torch < 2.4 names it after CUDA
+        key = "self_cuda_time_total"
+    times = {e.key: float(getattr(e, key)) for e in events}
+    total = sum(times.values()) or 1.0
+    summary: dict[str, Any] = {"profile_steps": steps, "wall_s": wall}
+    if on_gpu:
+        summary["device_busy"] = total / 1e6 / wall
+        summary["kernels_per_step"] = sum(e.count for e in events if getattr(e, key) > 0) / steps
+    top = sorted(times.items(), key=lambda kv: kv[1], reverse=True)[:row_limit]
+    summary["top_ops"] = [{"op": name, "share": t / total} for name, t in top]
+    print(f"--- profile of {label}: {steps} step(s), {wall:.3f} s wall"
+          + (f", device busy {summary['device_busy']:.0%}, {summary['kernels_per_step']:.0f} kernels/step"
+             if on_gpu else ""))  # fmt: skip
+    print(events.table(sort_by=key, row_limit=row_limit))
+    return summary
+
+
 def peak_gib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None

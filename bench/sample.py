@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from bench.common import Result, device_name, peak_gib, print_results, sync
+from bench.common import Result, device_name, peak_gib, print_results, profile_steps, sync
 from fractalgen.models import build_model
 from fractalgen.models.layers import ATTENTION_IMPLS, attention_impl
 
@@ -27,7 +27,8 @@ def measure(args: argparse.Namespace, name: str, batch: int) -> Result:
     c = model.config
     iters = tuple(int(x) for x in args.num_iters.split(",")) if args.num_iters else c.default_iters()
     cfg = c.sample_cfg if args.cfg is None else args.cfg
-    res = Result("sample", name, f"iters={','.join(map(str, iters))} cfg={cfg} {args.precision}", batch,
+    res = Result("sample", name, f"iters={','.join(map(str, iters))} cfg={cfg} {args.precision}"
+                 + ("" if args.attention == "auto" else f" attn={args.attention}"), batch,
                  device=device_name(device))  # fmt: skip
     labels = torch.arange(batch, device=device) % c.num_classes
     amp = (
@@ -46,10 +47,17 @@ def measure(args: argparse.Namespace, name: str, batch: int) -> Result:
             for r in range(args.repeats):
                 model.sample(labels, num_iters=iters, cfg=cfg, seed=r)
             sync(device)
+            elapsed = (time.perf_counter() - t0) / args.repeats
+            if args.profile:
+                res.extra["profile"] = profile_steps(
+                    lambda: model.sample(labels, num_iters=iters, cfg=cfg, seed=0),
+                    steps=args.profile,
+                    device=device,
+                    label=f"{name} sampling, batch {batch}",
+                )
     except torch.OutOfMemoryError:
         res.status = "out of memory"
         return res
-    elapsed = (time.perf_counter() - t0) / args.repeats
     res.s_per_step = elapsed
     res.s_per_img = elapsed / batch
     res.img_per_s = batch / elapsed
@@ -69,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then profile N batches: top operators, GPU busy share",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     results = [

@@ -38,6 +38,7 @@ from bench.common import (
     forward_gflops_per_image,
     peak_gib,
     print_results,
+    profile_steps,
     time_steps,
 )
 from fractalgen.models import build_model, get_config
@@ -165,6 +166,8 @@ def measure(args: argparse.Namespace, name: str, engine: str) -> Result:
         setting += f" mb{args.mask_buckets}"
     if args.compile:
         setting += " compile"
+    if args.attention != "auto":
+        setting += f" attn={args.attention}"
     res = Result("train", name, setting, args.micro_batch, device=device_name(device))
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -177,6 +180,10 @@ def measure(args: argparse.Namespace, name: str, engine: str) -> Result:
                 _init_single_process_group(device)
                 step = deepspeed_step_fn(args, name, device)
             times = time_steps(step, warmup=args.warmup, steps=args.steps, device=device)
+            if args.profile:
+                res.extra["profile"] = profile_steps(
+                    step, steps=args.profile, device=device, label=f"{name} {setting}"
+                )
     except torch.OutOfMemoryError:
         res.status = "out of memory"
         return res
@@ -186,7 +193,7 @@ def measure(args: argparse.Namespace, name: str, engine: str) -> Result:
     res.peak_gib = peak_gib(device)
     flops = 3 * forward_gflops_per_image(name) * 1e9 * res.img_per_s
     res.mfu = flops / (args.peak_tflops * 1e12) if device.type == "cuda" else None
-    res.extra = {"times": times}
+    res.extra["times"] = times
     return res
 
 
@@ -241,6 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         "--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)"
     )
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then profile N steps: top operators, GPU busy share",
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS)

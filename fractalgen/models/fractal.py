@@ -221,7 +221,7 @@ class FractalGen(nn.Module):
         if values and (min(values) < 0 or max(values) >= c.num_classes):
             raise ValueError(f"labels must lie in 0..{c.num_classes - 1}")
         device = self.fake_latent.device
-        labels = labels.to(device)
+        labels = labels.to(device, non_blocking=True)  # no stream sync for host labels
         if generator is None and seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
 

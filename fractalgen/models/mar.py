@@ -254,7 +254,9 @@ class MARLevel(nn.Module):
                 pos_all = torch.cat([pos, pos]) if guided else pos
                 C, D = cond_all.shape[-2:]
                 picked = cond_all.gather(1, pos_all[:, :, None, None].expand(-1, -1, C, D))  # (R, k, C, D)
-                new = next_level(Conditions(picked.flatten(0, 1)), cfg_step.repeat_interleave(k), None, None)
+                new = next_level(
+                    Conditions(picked.flatten(0, 1)), cfg_step[:, None].expand(n, k).reshape(-1), None, None
+                )
                 patches = patches.scatter(
                     1, pos[:, :, None].expand(-1, -1, width), new.reshape(n, k, width).to(patches.dtype)
                 )

@@ -20,6 +20,14 @@ from fractalgen.models.configs import IMAGENET_MEAN, IMAGENET_STD
 from fractalgen.models.layers import Block, KVCache, init_weights
 
 
+def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One draw per row of ``probs`` (n, K): argmax(p / E) with E ~ Exp(1), the method (and the random
+    draws) of ``torch.multinomial(probs, 1)``, so the same generator gives the same ids, without
+    multinomial's input checks, which read two values back from the GPU on every call."""
+    e = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / e).argmax(dim=-1)
+
+
 class MlmLayer(nn.Module):
     """Output layer tied to a codebook: logits = x @ codebook^T + bias (released name ``*_mlm``)."""
 
@@ -181,8 +189,7 @@ class PixelHead(nn.Module):
             logits = logits * settings.temperature  # released meaning: t multiplies the logits
             if guided:
                 logits = guided_logits(logits[:n], logits[n:], cfg, settings.filter_threshold)
-            probs = torch.softmax(logits, dim=-1)
-            ids[:, c] = torch.multinomial(probs, 1, generator=settings.generator).squeeze(1)
+            ids[:, c] = sample_categorical(torch.softmax(logits, dim=-1), settings.generator)
         pixels = self.ids_to_pixels(ids)
         if known is not None and known_mask is not None:
             pixels = torch.where(known_mask[:, None], known.to(pixels.dtype), pixels)

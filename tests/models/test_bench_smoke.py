@@ -16,13 +16,28 @@ def test_train_and_sample_benchmarks_print_table_and_json(capsys: pytest.Capture
     from bench import sample, train
 
     assert train.main(["--configs", "fractalmar_tiny16", "--micro-batch", "2", "--steps", "1", "--warmup", "0",
-                       "--precision", "fp32", "--ckpt", "--device", "cpu"]) == 0  # fmt: skip
-    rows = _json_rows(capsys.readouterr().out)
+                       "--precision", "fp32", "--ckpt", "--device", "cpu", "--profile", "1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    rows = _json_rows(out)
     assert rows[0]["config"] == "fractalmar_tiny16" and rows[0]["status"] == "ok" and rows[0]["img_per_s"] > 0
+    _check_profile(out, rows[0])
     assert sample.main(["--configs", "fractalmar_tiny16", "--batches", "2", "--num-iters", "2,2",
-                        "--precision", "fp32", "--warmup", "0", "--device", "cpu"]) == 0  # fmt: skip
-    rows = _json_rows(capsys.readouterr().out)
+                        "--precision", "fp32", "--warmup", "0", "--device", "cpu", "--profile", "1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    rows = _json_rows(out)
     assert rows[0]["bench"] == "sample" and rows[0]["s_per_img"] > 0
+    _check_profile(out, rows[0])
+
+
+def _check_profile(out: str, row: dict) -> None:
+    """``--profile``: the operator table is printed and the JSON line carries the top operators."""
+    assert "--- profile of" in out and "Self CPU" in out
+    top = row["extra"]["profile"]["top_ops"]
+    shares = [t["share"] for t in top]
+    assert 0 < len(top) <= 12 and all(0 < s <= 1 for s in shares) and sum(shares) <= 1 + 1e-9
+    assert shares == sorted(shares, reverse=True)
+    # a training step spends its time in real aten operators (matmuls among them)
+    assert any(t["op"].startswith("aten::") for t in top)
 
 
 def test_data_benchmark_reports_every_storage_choice(

@@ -20,7 +20,7 @@ from fractalgen.models import build_model
 from fractalgen.models.conditions import Conditions, SampleSettings
 from fractalgen.models.layers import attend, attention_impl
 from fractalgen.models.mar import MARLevel, sample_mask_rates
-from fractalgen.models.pixel_head import PixelHead
+from fractalgen.models.pixel_head import PixelHead, sample_categorical
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -319,3 +319,17 @@ def test_sampling_without_known_pixels_has_no_host_sync_ops(name: str) -> None:
 
     assert syncing(**_nothing_known(model, 2))  # the recorder does see the general loop's syncs
     assert syncing() == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_categorical_draws_are_multinomials_draws(dtype: torch.dtype) -> None:
+    """``sample_categorical`` skips ``torch.multinomial``'s device-syncing input checks but must draw
+    the same ids from the same generator state (so seeds keep their images)."""
+    probs = torch.rand(2000, 256, dtype=dtype).pow(6).softmax(-1)
+    expected = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(3)).squeeze(1)
+    assert torch.equal(sample_categorical(probs, torch.Generator().manual_seed(3)), expected)
+    # and the distribution: frequencies of a 4-way law over many draws
+    law = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=dtype)
+    ids = sample_categorical(law.expand(200_000, 4), torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=4).to(dtype) / ids.numel()
+    torch.testing.assert_close(freq, law, atol=5e-3, rtol=0)
