@@ -4,7 +4,7 @@
 # important first, each under its own time limit so that one slow row cannot eat the rest (the
 # limits add up to under 10 minutes). Profiled rows print their top kernels and the GPU's busy share.
 #
-#   bash bench/gpu_session.sh            # writes $OUT (or ./bench-out): log.txt and results.jsonl
+#   bash bench/gpu_session.sh   # writes $OUT (or ./bench-out): log.txt, results.jsonl, report.md
 #
 # On the device machine (torch and Triton installed, no Ray/DeepSpeed/MLflow), from the repository
 # root. Rows through DeepSpeed and Ray Train need those packages carried as wheels; see PERF.md.
@@ -35,4 +35,5 @@ row 60 python3 -m bench.train --configs fractalmar_large_in256 --micro-batch 32 
 row 60 python3 -m bench.train --configs fractalmar_huge_in256 --micro-batch 32 --ckpt --warmup 1 --steps 3
 row 60 $T --mask-buckets 8 --compile
 grep -h '^JSON ' "$log" | sed 's/^JSON //' >"$out/results.jsonl"
+python3 -m bench.report "$out/results.jsonl" | tee "$out/report.md" | tee -a "$log"
 echo "=== done in $(($(date +%s) - start)) s; $(wc -l <"$out/results.jsonl") result rows in $out/results.jsonl" | tee -a "$log"

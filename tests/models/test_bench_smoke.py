@@ -92,3 +92,36 @@ def test_train_benchmark_takes_mask_buckets_and_compile_wraps_blocks(
     # blocks: 2 + 1 + 1 in the levels, 1 in the pixel head, 1 in each of the 2 guiding-pixel heads
     assert train.compile_blocks(model, "aot_eager") == 7
     assert list(model.state_dict()) == keys  # compiling (lazily, on first call) leaves the state_dict as is
+
+
+def test_report_puts_benchmark_rows_against_the_targets(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from bench import report, train
+
+    assert train.main(["--configs", "fractalmar_tiny16", "--micro-batch", "2", "--steps", "1", "--warmup", "0",
+                       "--precision", "fp32", "--device", "cpu"]) == 0  # fmt: skip
+    log = tmp_path / "log.txt"
+    log.write_text(capsys.readouterr().out)
+    assert report.main([str(log)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| what |") and len(lines) == 3
+    assert "train fractalmar_tiny16, micro-batch 2" in lines[2] and "img/s" in lines[2]
+    assert lines[2].endswith("| - |")  # no target for a tiny model
+
+    def row(**kw: object) -> dict:
+        return {"bench": "train", "config": "fractalmar_in64", "batch": 64, "status": "ok", **kw}
+
+    in64 = report.TARGETS[0]
+    assert report.verdict(row(img_per_s=in64.min_img_per_s + 1), in64) == "yes"
+    assert report.verdict(row(img_per_s=in64.min_img_per_s - 1), in64) == "no"
+    assert report.verdict(row(status="out of memory"), in64) == "no (out of memory)"
+    huge = next(t for t in report.TARGETS if t.config == "fractalmar_huge_in256")
+    fast = {"img_per_s": 2 * huge.min_img_per_s}
+    assert report.verdict(row(**fast, peak_gib=huge.max_gib - 1), huge) == "yes"
+    assert report.verdict(row(**fast, peak_gib=huge.max_gib + 1), huge) == "no"  # fast, but too big
+    sample = next(t for t in report.TARGETS if t.bench == "sample" and t.config == "fractalmar_in64")
+    assert report.verdict(row(bench="sample", s_per_img=sample.max_s_per_img / 2), sample) == "yes"
+    empty = tmp_path / "empty.txt"
+    empty.touch()
+    assert report.main([str(empty)]) == 1  # says there are no rows
