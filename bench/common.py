@@ -58,8 +58,9 @@ def profile_steps(step: Callable[[], Any], *, steps: int, device: torch.device, 
     Prints the operators that take the most self time (device time on a GPU, CPU time on a CPU) and
     returns a summary for the JSON line: on a GPU, ``device_busy`` (kernel time / wall time: far below
     1 means the host, launches or syncs limit the row, not the GPU) and ``kernels_per_step``; and the
-    top operators with their share of the profiled self time.
+    top operators (on a GPU: kernels) with their share of the profiled self time.
     """
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device.type == "cuda"
@@ -73,14 +74,15 @@ def profile_steps(step: Callable[[], Any], *, steps: int, device: torch.device, 
     wall = time.perf_counter() - t0
     events = prof.key_averages()
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    if on_gpu and not hasattr(events[0], key):  # torch < 2.4 names it after CUDA
-        key = "self_cuda_time_total"
-    times = {e.key: float(getattr(e, key)) for e in events}
+    # kineto gives CPU operators the device time of the kernels they launch as well: sum the device's
+    # own events (kernels, copies) only, or every kernel would count twice
+    own = [e for e in events if e.device_type == (DeviceType.CUDA if on_gpu else DeviceType.CPU)]
+    times = {e.key: float(getattr(e, key)) for e in own}
     total = sum(times.values()) or 1.0
     summary: dict[str, Any] = {"profile_steps": steps, "wall_s": wall}
     if on_gpu:
         summary["device_busy"] = total / 1e6 / wall
-        summary["kernels_per_step"] = sum(e.count for e in events if getattr(e, key) > 0) / steps
+        summary["kernels_per_step"] = sum(e.count for e in own) / steps
     top = sorted(times.items(), key=lambda kv: kv[1], reverse=True)[:row_limit]
     summary["top_ops"] = [{"op": name, "share": t / total} for name, t in top]
     print(f"--- profile of {label}: {steps} step(s), {wall:.3f} s wall"
