@@ -155,9 +155,7 @@ class PixelHead(nn.Module):
         With ``conds.valid`` (mask buckets) the mean is over the valid rows only."""
         if self.training:
             per_row = (self.r_weight * ce[:, 0] + ce[:, 1] + ce[:, 2]) / (self.r_weight + 2)
-            if conds is not None and conds.valid is not None:
-                return conds.mean(per_row)
-            return per_row.mean()
+            return per_row.mean() if conds is None else conds.mean(per_row)
         return ce.mean()
 
     def forward(self, pixels: Tensor, conds: Conditions) -> Tensor:
