@@ -20,6 +20,11 @@ from fractalgen.models import get_config
 from fractalgen.models.inspect import level_costs
 
 H100_BF16_TFLOPS = 790.0
+ATTENTION_HELP = (
+    "attention kernels (fractalgen.models.layers.attend): auto = SDPA, batched matmuls for short "
+    "sequences past the GPU grid limit; sdpa; math; fused = the Triton kernel for self-attention over "
+    "<= 16 tokens without dropout on a GPU (the pixel head), the rest as auto (on a CPU: all as auto)"
+)
 
 
 def forward_gflops_per_image(name: str) -> float:

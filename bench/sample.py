@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from bench.common import Result, device_name, peak_gib, print_results, profile_steps, sync
+from bench.common import ATTENTION_HELP, Result, device_name, peak_gib, print_results, profile_steps, sync
 from fractalgen.models import build_model
 from fractalgen.models.layers import ATTENTION_IMPLS, attention_impl
 
@@ -72,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-iters", default="", help="iterations per level (default: the released ones)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the released one)")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
-    p.add_argument(
-        "--attention", default="auto", choices=ATTENTION_IMPLS, help="attention path (see layers.attend)"
-    )
+    p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS, help=ATTENTION_HELP)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument(

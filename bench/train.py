@@ -10,8 +10,8 @@ Engines:
 A synthetic batch (random images and labels) isolates the model from data loading (``bench.data``
 measures that). Precision ``bf16`` is autocast without a GradScaler; ``fp32`` is the plain path.
 
-    python -m bench.train --configs fractalmar_in64 --micro-batch 64 --ckpt all
-    python -m bench.train --configs fractalmar_large_in256 --micro-batch 32 --engine deepspeed --zero 2
+    python -m bench.train --configs fractalmar_in64 --micro-batch 64 --ckpt
+    python -m bench.train --configs fractalmar_large_in256 --micro-batch 32 --engines deepspeed --zero 2
 
 ``--mask-buckets N`` pads each MAR level's masked-patch selection to one of N sizes (no host sync,
 fixed shapes below level 0; ``FractalConfig.mask_buckets``); ``--compile`` wraps every transformer
@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from bench.common import (
+    ATTENTION_HELP,
     H100_BF16_TFLOPS,
     Result,
     device_name,
@@ -232,9 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--ckpt", action="store_true", help="activation checkpointing")
     p.add_argument("--ckpt-levels", default="", help="comma-separated levels to checkpoint (default: all)")
-    p.add_argument(
-        "--attention", default="auto", choices=ATTENTION_IMPLS, help="attention path (see layers.attend)"
-    )
+    p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS, help=ATTENTION_HELP)
     p.add_argument(
         "--mask-buckets",
         type=int,
