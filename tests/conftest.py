@@ -6,6 +6,8 @@
   credentials, region, ``S3_ENDPOINT_URL`` for mosaicml-streaming, ``AWS_ENDPOINT_URL`` for boto3)
   and restored afterwards. Use ``s3_server.new_bucket()`` for a fresh, empty bucket per test.
 
+Ray's workers get the tests' niceness (see below).
+
 Triton kernels (``fractalgen.models.tiny_attention``) run in Triton's interpreter on the CPU: the
 variable must be set before anything imports Triton, hence here, at import time.
 """
@@ -20,6 +22,10 @@ from dataclasses import dataclass, field
 import pytest
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Ray starts its workers at niceness 15: beside any busy process on a 2-core box they would get a few
+# percent of a core and the Ray tests would crawl. The tests' workers run at the test's own priority
+# (fractalgen.platform.ray_connect does the same for the local Ray of a real run).
+os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
 
 
 @dataclass

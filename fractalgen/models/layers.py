@@ -24,6 +24,11 @@ from torch import Tensor, nn
 from fractalgen.models import tiny_attention
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32 if it is in a lower precision (bf16, fp16), else unchanged (float64 stays)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def init_weights(module: nn.Module) -> None:
     """Released initialisation: Linear xavier-uniform / bias 0, LayerNorm weight 1 / bias 0."""
     if isinstance(module, nn.Linear):
@@ -121,7 +126,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, dropout_p: 
         scores = scores.masked_fill(
             torch.ones(N, N, dtype=torch.bool, device=q.device).triu(1), float("-inf")
         )
-    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
+    probs = torch.softmax(at_least_float32(scores), dim=-1).to(q.dtype)
     if dropout_p > 0:
         probs = F.dropout(probs, p=dropout_p)
     return probs @ v
@@ -210,7 +215,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        xf = at_least_float32(x)
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return out.type_as(x) * self.weight
 
@@ -235,7 +240,7 @@ def rope_2d_table(grid_size: int, head_dim: int, base: float = 10000.0, num_pref
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
     """Rotate adjacent pairs of ``x`` (B, N, H, hd) by ``table`` (N, hd/2, 2); at least float32."""
-    xs = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(*x.shape[:-1], -1, 2)  # (B, N, H, hd/2, 2)
+    xs = at_least_float32(x).reshape(*x.shape[:-1], -1, 2)  # (B, N, H, hd/2, 2)
     t = table.to(xs.dtype).view(1, xs.size(1), 1, xs.size(3), 2)
     out = torch.stack(
         [xs[..., 0] * t[..., 0] - xs[..., 1] * t[..., 1], xs[..., 1] * t[..., 0] + xs[..., 0] * t[..., 1]],

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from fractalgen.models.conditions import Conditions, SampleSettings
 from fractalgen.models.configs import IMAGENET_MEAN, IMAGENET_STD
-from fractalgen.models.layers import Block, KVCache, init_weights
+from fractalgen.models.layers import Block, KVCache, at_least_float32, init_weights
 
 
 def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -112,10 +112,11 @@ class PixelHead(nn.Module):
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
-        # output layers in float32 (the released code disables autocast here)
-        x = x.float()
+        # output layers in at least float32 (the released code disables autocast here); a float64
+        # model stays float64, so its gradients do not carry float32 rounding
+        x = at_least_float32(x)
         logits = [
-            mlm(x[:, i], book.weight.float())
+            mlm(x[:, i], at_least_float32(book.weight))
             for i, (mlm, book) in enumerate(
                 ((self.r_mlm, self.r_codebook), (self.g_mlm, self.g_codebook), (self.b_mlm, self.b_codebook))
             )
@@ -136,8 +137,8 @@ class PixelHead(nn.Module):
         x = self.ln(tok).unsqueeze(1)  # (N, 1, W); LayerNorm acts per token
         for block, cache in zip(self.blocks, caches):
             x = block(x, cache)
-        h = self.norm(x[:, 0]).float()
-        return (self.r_mlm, self.g_mlm, self.b_mlm)[c](h, books[c].weight.float())
+        h = at_least_float32(self.norm(x[:, 0]))
+        return (self.r_mlm, self.g_mlm, self.b_mlm)[c](h, at_least_float32(books[c].weight))
 
     def new_caches(self, cond: Tensor) -> list[KVCache]:
         heads = self.blocks[0].attn.num_heads

@@ -68,6 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as err:
         print(f"fractalgen {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def console_main(argv: list[str] | None = None) -> int:
+    """The ``fractalgen`` program: ``main``, with Ctrl-C ending it quietly (exit 130).
+
+    ``main`` itself lets ``KeyboardInterrupt`` through, so that a caller (a test run, a notebook)
+    that calls it in-process is interrupted too instead of carrying on with an exit code.
+    """
+    try:
+        return main(argv)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

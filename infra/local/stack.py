@@ -286,6 +286,9 @@ def up(
         # processes; the platform does not use it
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
+    # a local stack runs the user's own work: Ray's workers get the caller's priority instead of Ray's
+    # default niceness 15 (see fractalgen/platform/ray_connect.py)
+    base_env.setdefault("RAY_worker_niceness", str(os.nice(0)))
     # client settings that would point the services elsewhere are dropped; the stack sets its own
     for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
         base_env.pop(key, None)

@@ -274,11 +274,11 @@ def test_killed_conversion_resumes_to_the_same_images(tmp_path: Path) -> None:
     proc = run_python(
         _SLOW_PREPARE.replace("sys.argv[1], sys.argv[2]", f"{src!r}, {str(out)!r}"), start_new_session=True
     )
-    deadline = time.time() + 90
+    deadline = time.time() + 300  # generous: a loaded 2-core box
     try:
         while len(list(out.glob("part-*/part.json"))) < 2:
             assert proc.poll() is None, "the conversion ended before it could be interrupted"
-            assert time.time() < deadline, "the conversion made no progress"
+            assert time.time() < deadline, "the conversion published fewer than 2 parts in 300 s"
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)

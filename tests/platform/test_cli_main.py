@@ -1,0 +1,27 @@
+"""The ``fractalgen`` entry points: Ctrl-C ends the program quietly, but reaches in-process callers."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+import fractalgen.models.inspect as inspect_cmd
+from fractalgen.platform.cli import console_main, main
+
+
+def _ctrl_c(*args, **kwargs) -> str:
+    signal.raise_signal(signal.SIGINT)  # a real SIGINT, handled by Python's default handler
+    return ""
+
+
+def test_ctrl_c_interrupts_an_in_process_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inspect_cmd, "format_table", _ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        main(["inspect", "fractalmar_tiny16"])
+
+
+def test_ctrl_c_ends_the_program_with_exit_130(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setattr(inspect_cmd, "format_table", _ctrl_c)
+    assert console_main(["inspect", "fractalmar_tiny16"]) == 130
+    assert "interrupted" in capsys.readouterr().err
