@@ -12,7 +12,9 @@ bad recipe fails before any Ray resources are requested.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -27,6 +29,48 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names the dotted key."""
+
+
+def to_float(value: Any, key: str) -> float:
+    """A finite float from a YAML or command-line value; ``ConfigError`` naming ``key`` otherwise.
+
+    The one coercion for every float setting (config fields and float command-line options): NaN and
+    +-inf are refused, and so are integers too large for a float.
+    """
+    if isinstance(value, str):
+        # PyYAML (YAML 1.1) reads "5e-5" (no dot) as a string: accept number-like strings
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    else:
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond the float range
+            raise ConfigError(
+                f"{key}: an integer of {value.bit_length()} bits is too large for a number"
+            ) from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    return number
+
+
+def finite_float(text: str) -> float:
+    """``argparse`` type for float options: a finite number (argparse names the option, exit 2)."""
+    try:
+        return to_float(text, "value")
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("value: ")) from None
+
+
+def positive_float(text: str) -> float:
+    """``argparse`` type for float options that must be finite and > 0."""
+    number = finite_float(text)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return number
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -52,7 +96,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
     if origin is typing.Literal:
-        if value not in args:
+        # same type too: true == 1 and 2.0 == 2 in Python, but neither is the literal 1 or 2
+        if not any(value == arg and type(value) is type(arg) for arg in args):
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value
     if _is_dataclass_type(tp):
@@ -86,15 +131,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, str):
-            # PyYAML (YAML 1.1) reads "5e-5" (no dot) as a string: accept number-like strings
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        return to_float(value, key)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -114,10 +151,13 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     types_ = _field_types(cls)
-    unknown = sorted(set(data) - set(types_))
+    unknown = sorted(set(data) - set(types_), key=str)  # YAML keys may be numbers, null, booleans
     if unknown:
+        key = unknown[0]
+        plain = isinstance(key, str) and key and key.isprintable() and key.strip() == key
+        shown = key if plain else repr(key)  # '' and ' x' quoted, so the message shows them
         raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!s} (valid keys of {prefix.rstrip('.') or cls.__name__}: "
+            f"unknown key {prefix}{shown} (valid keys of {prefix.rstrip('.') or cls.__name__}: "
             f"{', '.join(sorted(types_))})"
         )
     kwargs = {name: _convert(value, types_[name], f"{prefix}{name}") for name, value in data.items()}
@@ -141,16 +181,87 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping in a recipe (or an override's value) gives the same key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error, not "the last wins"."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # merge keys ("<<") may be overridden; complex keys: the base class checks
+            key = self.construct_object(key_node, deep=False)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # unhashable: the base class reports it
+                continue
+            if first is not key_node:
+                raise DuplicateKeyError(
+                    f"duplicate key {key!r} on line {key_node.start_mark.line + 1} "
+                    f"(first on line {first.start_mark.line + 1})"
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_acyclic(obj: Any, parents: set[int], done: set[int]) -> None:
+    """An alias inside its own anchor (``&a [*a]``) makes a value that contains itself: refused.
+
+    Each list or mapping is walked once, however many aliases share it (no blow-up on nested aliases).
+    """
+    if not isinstance(obj, list | dict) or id(obj) in done:
+        return
+    if id(obj) in parents:
+        raise yaml.YAMLError("a value contains itself (an alias inside its own anchor)")
+    parents.add(id(obj))
+    for item in obj.values() if isinstance(obj, dict) else obj:
+        _check_acyclic(item, parents, done)
+    parents.discard(id(obj))
+    done.add(id(obj))
+
+
+def parse_yaml(text: str, name: str | None = None) -> Any:
+    """YAML as recipes and overrides are read: the safe loader, a duplicate key refused.
+
+    Raises ``yaml.YAMLError`` for anything that is not a plain YAML document: a syntax error, a
+    duplicate key (``DuplicateKeyError``), a value its tag cannot build (``!!int x``, the date
+    2020-13-01), a value that contains itself, nesting too deep to read. ``name`` (a file name)
+    appears in the error positions.
+    """
+    loader = _UniqueKeyLoader(text)
+    if name is not None:
+        loader.name = name
+    try:
+        data = loader.get_single_data()
+        _check_acyclic(data, set(), set())
+    except (ValueError, TypeError, OverflowError) as err:  # from PyYAML's scalar constructors
+        raise yaml.YAMLError(f"a value cannot be read: {err}") from None
+    except RecursionError:
+        raise yaml.YAMLError("the nesting is too deep") from None
+    finally:
+        loader.dispose()
+    return data
+
+
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """Turn ``["train.zero_stage=3", "model.name=x"]`` into a nested dict; values are parsed as YAML."""
     nested: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        parts = [part.strip() for part in key.split(".")]
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: {key} has an empty part (key.sub=value)")
+        key = ".".join(parts)
+        try:
+            value = parse_yaml(raw, name=f"--set {key}") if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key}: the value {raw!r} is not valid YAML: {err}") from None
         node = nested
-        parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -170,20 +281,47 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML recipe file; ``ConfigError`` naming the file when it cannot be one.
+
+    Refused: a missing or unreadable file, text that is not UTF-8 or not YAML, a key given twice in
+    one mapping, an empty file (no settings at all: pass no file to mean the defaults) and a top
+    level that is not a mapping.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {err.start}, line {line}): save it as UTF-8"
+        ) from None
+    try:
+        loaded = parse_yaml(text, name=str(path))
+    except DuplicateKeyError as err:
+        raise ConfigError(f"config file {path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if loaded is None:
+        raise ConfigError(
+            f"config file {path} is empty (no settings): give a recipe with its sections, e.g. from configs/"
+        )
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded
+
+
 def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Load ``cls`` from a YAML file (or its defaults when ``path`` is None) plus dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        data = loaded or {}
+    data = read_recipe(path) if path is not None else {}
     data = merge(data, parse_overrides(overrides))
     return from_dict(cls, data)
 
@@ -342,12 +480,13 @@ class RunTrainConfig:
             raise ValueError(f"epochs: must be > 0, got {self.epochs}")
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(
-                f"warmup_epochs: must lie in [0, epochs={self.epochs}], got {self.warmup_epochs}"
+                f"warmup_epochs: must lie in [0, epochs] (epochs {self.epochs}), got {self.warmup_epochs}"
             )
-        if self.base_lr <= 0 or self.min_lr < 0:
-            raise ValueError(f"base_lr: must be > 0 (min_lr >= 0), got {self.base_lr} / {self.min_lr}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("weight_decay and grad_clip: must be >= 0")
+        if self.base_lr <= 0:
+            raise ValueError(f"base_lr: must be > 0, got {self.base_lr}")
+        for key in ("min_lr", "weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas: must lie in [0, 1), got {self.betas}")
         if self.offload_params and self.zero_stage != 3:
@@ -444,8 +583,18 @@ class RunEvalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.every_steps < 0 or self.num_images < 1 or self.nll_batches < 1:
-            raise ValueError("every_steps must be >= 0, num_images and nll_batches >= 1")
+        if self.every_steps < 0:
+            raise ValueError(f"every_steps: must be >= 0, got {self.every_steps}")
+        for key in ("num_images", "nll_batches"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        # as SamplingSettings (fractalgen/platform/evaluation/generate.py), checked before the run starts
+        if self.cfg is not None and self.cfg < 1.0:
+            raise ValueError(f"cfg: guidance scale must be >= 1.0, got {self.cfg}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
+        if self.sample_iters is not None and any(i < 1 for i in self.sample_iters):
+            raise ValueError(f"sample_iters: iterations must be >= 1, got {list(self.sample_iters)}")
 
 
 @dataclass(kw_only=True)

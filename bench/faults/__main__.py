@@ -32,6 +32,10 @@ def _child(name: str, settings: Settings, queue: mp.Queue) -> None:
 
 def run_scenario(sc: Scenario, settings: Settings) -> dict:
     """Run one scenario in a fresh process within its time limit; the outcome as a dict."""
+    # the target by its importable name: a spawned child cannot find functions of the __main__ that
+    # `python -m bench.faults` runs (multiprocessing does not re-import a package's __main__)
+    from bench.faults.__main__ import _child
+
     limit = sc.budget_s / 2 if settings.short else sc.budget_s
     ctx = mp.get_context("spawn")  # a fresh interpreter: no Ray, torch or server state carried over
     queue: mp.Queue = ctx.Queue()

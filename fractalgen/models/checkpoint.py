@@ -2,7 +2,10 @@
 argparse.Namespace, ...}`` (optimizer, epoch and scaler entries may also be present).
 
 Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)`` with ``argparse.Namespace``
-as the only extra allowed global. Weights load strictly (names and shapes must all match).
+as the only extra allowed global (``safe_load``, which the DeepSpeed files of training checkpoints go
+through too, with their own allow-list: ``fractalgen/platform/checkpointing.py``). A file that holds
+anything else is refused, naming the file and the refused objects; it is never retried unsafely.
+Weights load strictly (names and shapes must all match).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import dataclasses
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,66 @@ _CONFIG_KEY = "fractalgen_config"
 
 
 class CheckpointError(ValueError):
-    """The file is missing, is not a released-format checkpoint, or does not fit the model."""
+    """A checkpoint file (released format, or a DeepSpeed file of a training checkpoint) is missing,
+    is not what it should be (foreign, corrupt, or holding objects safe loading refuses), or does
+    not fit the model. The message names the file."""
+
+
+# lines of torch.load's weights_only error that are advice, not the reason (the retry it suggests,
+# weights_only=False, is what safe loading exists to avoid)
+_TORCH_ADVICE = (
+    "weights only load failed",
+    "weights_only",
+    "please file an issue",
+    "check the documentation",
+)
+
+
+def _global_names(allowed: Sequence[Any]) -> set[str]:
+    """The pickle names (``module.qualname``) of a ``torch.serialization.safe_globals`` list."""
+    names = set()
+    for entry in allowed:
+        if isinstance(entry, tuple):
+            names.add(entry[1])
+        else:
+            names.add(f"{entry.__module__}.{entry.__qualname__}")
+    return names
+
+
+def load_failure(path: str | os.PathLike[str], err: BaseException, allowed: Sequence[Any] = ()) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in a few words and without PyTorch's advice.
+
+    Names the pickled globals outside torch's and ``allowed``'s allow-lists when the file has any
+    (read from the pickle's opcodes: nothing is executed); else the first line of torch's reason.
+    """
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip archive (a legacy or foreign file): fall back to torch's message
+        found = []
+    refused = sorted(set(found) - _global_names(allowed))
+    if refused:
+        more = f" and {len(refused) - 5} more" if len(refused) > 5 else ""
+        return f"it holds pickled Python objects that safe loading refuses ({', '.join(refused[:5])}{more})"
+    for line in str(err).splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if line and not any(a in line.lower() for a in _TORCH_ADVICE):
+            return f"torch.load failed: {line}"
+    return f"torch.load failed: {type(err).__name__}"
+
+
+def safe_load(
+    path: str | os.PathLike[str], *, what: str, allowed: Sequence[Any] = (), mmap: bool = False
+) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU with ``allowed`` as the only extra globals
+    (``torch.serialization.safe_globals`` entries). ``CheckpointError`` naming ``path`` and saying it
+    is not ``what`` ("a released-format checkpoint" ...) when the file is missing or does not load."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path} does not exist (expected {what})")
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # corrupt, truncated or foreign files fail in many ways inside torch.load
+        raise CheckpointError(f"{path} is not {what}: {load_failure(path, err, allowed)}") from None
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -32,14 +95,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt, truncated or foreign files fail in many ways inside torch.load
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"{path} is not a released-format checkpoint (torch.load with weights_only=True failed: {first})"
-        ) from None
+    obj = safe_load(path, what="a released-format checkpoint", allowed=[argparse.Namespace])
     if not isinstance(obj, dict) or "model" not in obj or not isinstance(obj["model"], dict):
         keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{path} has no 'model' state dict entry (found: {keys})")

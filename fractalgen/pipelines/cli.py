@@ -92,7 +92,17 @@ def _prepare(args: argparse.Namespace) -> int:
         f"{summary['bytes'] / 1e6:.1f} MB ({summary['bytes_per_image']:.0f} B/image), "
         f"{summary['num_skipped']} skipped {summary['skipped_reasons'] or ''}".rstrip()
     )
+    if summary.get("num_renamed"):
+        print(f"{summary['num_renamed']} renamed: source names that are not valid UTF-8, bytes escaped")
+    if summary["num_skipped"] or summary.get("num_renamed"):
+        print(
+            f"which ones: fractalgen data inspect {args.out} --no-sheet (all in summary.json, skipped.parquet)"
+        )
     return 0
+
+
+def _short(text: str, width: int = 160) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _print_info(info: dict[str, Any]) -> None:
@@ -110,6 +120,16 @@ def _print_info(info: dict[str, Any]) -> None:
         high = max(counts) if counts else "?"
         print(f"  ... {len(names) - 20} more (images per class: {low}..{high})")
     print(f"skipped      {info['num_skipped']} {info['skipped_reasons'] or ''}".rstrip())
+    for item in info["skipped"]:
+        print(f"  {item['key']}: {_short(item['reason'])}")
+    if info["num_skipped"] and len(info["skipped"]) < info["num_skipped"]:
+        print(f"  ... {info['num_skipped'] - len(info['skipped'])} more")
+    if info["skipped_list"]:
+        print(f"  all skipped: {info['skipped_list']} (and summary.json)")
+    if info["num_renamed"]:
+        print(f"renamed      {info['num_renamed']} (source names not valid UTF-8, stored with bytes escaped)")
+        for item in info["renamed"]:
+            print(f"  {item['key']}")
     if info["sheet"]:
         print(f"contact sheet {info['sheet']}")
 
@@ -127,6 +147,7 @@ def _inspect(args: argparse.Namespace) -> int:
             sheet=sheet,
             samples=args.samples,
             max_shards=args.max_shards,
+            show_skipped=args.skipped,
             endpoint=args.endpoint_url,
         )
     except DataError as err:
@@ -252,6 +273,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-sheet", action="store_true", help="do not draw a contact sheet")
     p.add_argument("--samples", type=int, default=64, help="images on the contact sheet (default 64)")
     p.add_argument("--max-shards", type=int, default=8, help="shards to read samples from (default 8)")
+    p.add_argument(
+        "--skipped",
+        type=int,
+        default=10,
+        metavar="N",
+        help="name the first N skipped images with their reasons (default 10; all are in skipped.parquet)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--endpoint-url", default=None, help=endpoint_help)
     p.set_defaults(func=_inspect)

@@ -136,7 +136,7 @@ def build_embedded_dataset(
         if summary.get("embedded") == params:
             return summary
         if summary.get("source") != EMBEDDED_SOURCE:
-            raise DataError(f"{out} holds another dataset ({summary.get('source')}); pass overwrite=True")
+            raise DataError(f"{out} holds another dataset ({summary.get('source')}); pass --overwrite")
         overwrite = True
     plan_uri = storage.join(out, PLAN_FILE)
     if not overwrite and storage.exists(plan_uri, endpoint=endpoint):

@@ -120,15 +120,19 @@ def inspect_dataset(
     samples: int = 64,
     max_shards: int = 8,
     columns: int = 8,
+    show_skipped: int = 10,
     endpoint: str | None = None,
 ) -> dict[str, Any]:
     """Counts and classes of the dataset at ``uri``; writes a contact sheet PNG to ``sheet`` if given.
 
     Returns ``{"uri", "num_images", "num_shards", "bytes", "image_size", "num_classes",
-    "class_names", "class_counts", "num_skipped", "skipped_reasons", "sheet"}``; counts come from
-    the index (always) and the summary (if present).
+    "class_names", "class_counts", "num_skipped", "skipped_reasons", "skipped", "num_renamed",
+    "renamed", "skipped_list", "sheet"}``; counts come from the index (always) and the summary (if
+    present). ``skipped`` and ``renamed`` hold the first ``show_skipped`` ``{key, reason}`` entries;
+    ``skipped_list`` is where all skipped items are listed (``skipped.parquet``; ``summary.json`` too),
+    or None if there is no such file.
     """
-    from fractalgen.pipelines.summary import read_summary
+    from fractalgen.pipelines.summary import SKIPPED_PARQUET, read_summary
 
     index = read_index(uri, endpoint=endpoint)
     shards = index["shards"]
@@ -152,8 +156,15 @@ def inspect_dataset(
         "class_counts": summary.get("class_counts", []),
         "num_skipped": summary.get("num_skipped"),
         "skipped_reasons": summary.get("skipped_reasons", {}),
+        "skipped": summary.get("skipped", [])[: max(0, show_skipped)],
+        "num_renamed": summary.get("num_renamed"),
+        "renamed": summary.get("renamed", [])[: max(0, show_skipped)],
+        "skipped_list": None,
         "sheet": None,
     }
+    skipped_list = storage.join(uri, SKIPPED_PARQUET)
+    if summary.get("num_skipped") and storage.exists(skipped_list, endpoint=endpoint):
+        info["skipped_list"] = skipped_list
     if sheet is not None and samples > 0:
         nonempty = [i for i, s in enumerate(shards) if s["samples"]]
         k = min(max_shards, len(nonempty))

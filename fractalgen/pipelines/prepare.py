@@ -6,7 +6,7 @@ Terms:
   with its counts and skipped images). Parts are the unit of parallelism (one writer per worker
   process at a time) and of resuming: a part is *done* when its ``part.json`` exists.
 - *plan*: ``OUT/_prepare/plan.json``: the source fingerprint and every setting that changes the
-  shards. Resuming with a different plan is refused (pass ``overwrite=True`` to start again).
+  shards. Resuming with a different plan is refused (``--overwrite`` starts again).
 - *publishing*: parts are written to a staging folder and published atomically (local: one
   ``rename``; S3: shards, then the part's ``index.json``, then ``part.json``). When every part is
   done, ``summary.json``, ``summary.parquet`` and ``skipped.parquet`` are written, the part indexes
@@ -16,7 +16,18 @@ Terms:
 Resuming after an interruption (crash, kill, Ctrl-C) is running the same command again: done parts
 are kept, partly written parts are deleted and converted again, so the result holds exactly the
 images an uninterrupted run would, each once. Corrupt or unreadable images are skipped, counted and
-listed with the reason; they never stop the run.
+listed with the reason; they never stop the run. A source where *no* image converts is an error
+(``DataError`` listing the first skipped items) and leaves nothing at ``out``. Keys that are not
+valid UTF-8 (file names in another encoding) are stored with the undecodable bytes escaped
+(``caf\\xe9.JPEG``) and listed as *renamed* in the summary.
+
+One run at a time per output (*run lock*): a run holds an ``flock`` on a lock file in the system temp
+folder named after ``out``; forked workers share it, so it is released only when the run and all its
+workers have ended, and a second run waits ``LOCK_WAIT_S`` for it, then refuses. Workers die with
+their parent (``PR_SET_PDEATHSIG`` on Linux, and a thread that watches the parent pid everywhere), so
+a SIGKILLed run leaves no workers publishing parts. Each run also writes ``_prepare/run.json`` with a
+fresh token; a worker publishes a part only while the token is still its run's (protection where the
+lock cannot reach: S3 outputs written from several machines, workers not forked).
 
 Stored sample: ``{"image": "png" (the cropped uint8 RGB image, lossless), "label": "int",
 "key": "str" (the source item's key)}``; ``image_format="ndarray"`` stores raw uint8 HxWx3 instead
@@ -25,14 +36,21 @@ Stored sample: ``{"image": "png" (the cropped uint8 RGB image, lossless), "label
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
 import re
 import shutil
+import signal
+import socket
+import sys
 import tempfile
+import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -48,8 +66,13 @@ DEFAULT_PART_SIZE = 10_000
 DEFAULT_SHARD_SIZE_LIMIT = 1 << 26  # 64 MiB, streaming's default
 IMAGE_FORMATS = ("png", "ndarray")
 PLAN_FILE = "_prepare/plan.json"
+RUN_FILE = "_prepare/run.json"
 PART_MARKER = "part.json"
 PROGRESS_EVERY = 32
+LOCK_WAIT_S = 30.0  # how long a run waits for another run (or a killed run's workers) on the same out
+WATCH_PARENT_S = 0.5  # how often a worker checks that its parent is alive (where prctl is missing)
+SHOWN_SKIPPED = 10  # skipped items named in the error when no image converts
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 ImageFormat = Literal["png", "ndarray"]
 
@@ -82,18 +105,59 @@ class PartTask:
     shard_size_limit: int
     staging_root: str
     endpoint: str | None = None
+    run_token: str | None = None  # publish only while OUT/_prepare/run.json holds this token
 
 
 _progress_queue: Any = None
 
 
-def _init_worker(queue: Any) -> None:
+def _init_worker(queue: Any, parent_pid: int) -> None:
     global _progress_queue
     _progress_queue = queue
     # Ctrl-C is handled by the parent, which shuts the pool down.
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """End this worker process as soon as ``parent_pid`` (its parent) ends, even by SIGKILL.
+
+    Linux: the kernel sends SIGKILL when the parent dies (``prctl(PR_SET_PDEATHSIG)``). Everywhere:
+    a daemon thread polls the parent pid (a dead parent's children are re-parented, so it changes).
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        # Without a usable libc the watcher thread below still ends this process.
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="watch-parent", daemon=True).start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:
+        time.sleep(WATCH_PARENT_S)
+        if os.getppid() != parent_pid:
+            os._exit(1)  # no cleanup: the parent's rerun deletes partly written parts
+
+
+def safe_key(key: str) -> str:
+    """``key`` if it is valid UTF-8 text, else with its undecodable bytes escaped (``caf\\xe9.JPEG``).
+
+    File names that are not UTF-8 reach Python as lone surrogates (``os.fsdecode``), which UTF-8
+    writers (MDS, JSON readers, Parquet) refuse.
+    """
+    try:
+        key.encode("utf-8")
+        return key
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = key.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # surrogates that did not come from undecodable bytes
+        return key.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def _report(n: int) -> None:
@@ -106,7 +170,7 @@ def convert_part(task: PartTask, progress: Callable[[int], None] | None = None) 
     from PIL import Image
     from streaming import MDSWriter
 
-    from fractalgen.pipelines.crop import decode_and_crop
+    from fractalgen.pipelines.crop import UnsupportedImage, decode_and_crop
 
     report = progress or _report
     name = part_name(task.index)
@@ -116,6 +180,7 @@ def convert_part(task: PartTask, progress: Callable[[int], None] | None = None) 
         shard_dir = os.path.join(staging, name)
         counts: Counter[int] = Counter()
         skipped: list[dict[str, str]] = []
+        renamed: list[dict[str, str]] = []
         pending = 0
         writer = MDSWriter(
             out=shard_dir,
@@ -128,18 +193,28 @@ def convert_part(task: PartTask, progress: Callable[[int], None] | None = None) 
             if pending >= PROGRESS_EVERY:
                 report(pending)
                 pending = 0
+            key = safe_key(record.key)
+            if key != record.key:
+                renamed.append({"key": key, "reason": "name is not valid UTF-8: undecodable bytes escaped"})
             if record.error is not None:
-                skipped.append({"key": record.key, "reason": record.error})
+                skipped.append({"key": key, "reason": record.error})
                 continue
             try:
                 arr = decode_and_crop(record.data, task.size)  # (size, size, 3) uint8
+            except UnsupportedImage as err:
+                skipped.append({"key": key, "reason": f"unsupported image: {err}"})
+                continue
             except Exception as err:
-                skipped.append(
-                    {"key": record.key, "reason": f"corrupt or unreadable image: {_clean_reason(err)}"}
-                )
+                skipped.append({"key": key, "reason": f"corrupt or unreadable image: {_clean_reason(err)}"})
                 continue
             image = Image.fromarray(arr) if task.image_format == "png" else arr
-            writer.write({"image": image, "label": int(record.label), "key": record.key})
+            try:
+                writer.write({"image": image, "label": int(record.label), "key": key})
+            except (ValueError, TypeError, KeyError) as err:
+                # The sample failed to encode; the writer changes nothing before encoding succeeds.
+                # (OSError, e.g. a full disk, stops the run.)
+                skipped.append({"key": key, "reason": f"cannot be stored: {_clean_reason(err)}"})
+                continue
             counts[int(record.label)] += 1
         writer.finish()
         report(pending)
@@ -156,13 +231,153 @@ def convert_part(task: PartTask, progress: Callable[[int], None] | None = None) 
             "bytes": stored,
             "raw_bytes": raw,
             "skipped": skipped,
+            "renamed": renamed,
         }
         with open(os.path.join(shard_dir, PART_MARKER), "w") as f:
             json.dump(marker, f, sort_keys=True)
+        if task.run_token is not None:
+            _check_run_token(task.out, task.run_token, task.endpoint, name)
         _publish_part(shard_dir, storage.join(task.out, name), task.endpoint)
         return marker
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_run_token(out: str, token: str, endpoint: str | None, name: str) -> None:
+    """Raise ``DataError`` if another run has taken over ``out`` (its ``run.json`` has another token)."""
+    try:
+        current = storage.read_json(storage.join(out, RUN_FILE), endpoint=endpoint)
+    except FileNotFoundError:
+        current = {}
+    if current.get("token") != token:
+        raise DataError(
+            f"{out}: another conversion ({_describe_run(current)}) has taken over this output; "
+            f"{name} was not published"
+        )
+
+
+def _describe_run(run: dict[str, Any]) -> str:
+    if not run:
+        return "unknown, its run.json is gone"
+    return f"pid {run.get('pid')} on {run.get('host')}, started {run.get('started')}"
+
+
+def _lock_path(out: str, endpoint: str | None) -> str:
+    """The run lock's file: in the system temp folder, named after the output's absolute location."""
+    if storage.is_remote(out):
+        where = f"{storage.endpoint_url(endpoint) or ''}|{out.rstrip('/')}"
+    else:
+        where = os.path.realpath(storage.local_path(out))
+    digest = hashlib.sha256(where.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+    user = getattr(os, "getuid", lambda: "")()
+    return os.path.join(tempfile.gettempdir(), f"fractalgen-prepare-{user}-{digest}.lock")
+
+
+class _RunLock:
+    """The run lock of ``out`` (see the module docstring); ``with`` it to hold it.
+
+    The lock is an ``flock`` on an open file, so it is shared by forked workers and released only
+    when the last process holding it ends: a run's workers that outlive it keep it held. Leaving the
+    ``with`` closes this process's handle without unlocking, for that reason.
+    """
+
+    def __init__(self, out: str, endpoint: str | None, wait_s: float) -> None:
+        self.out = out
+        self.path = _lock_path(out, endpoint)
+        self.wait_s = wait_s
+        self.file: Any = None
+
+    def __enter__(self) -> _RunLock:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): the run token alone guards publishing
+            return self
+        self.file = open(self.path, "a+")  # held until __exit__
+        deadline = time.monotonic() + self.wait_s
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                self.file.seek(0)
+                holder = self.file.read().strip() or "unknown"
+                if time.monotonic() >= deadline:
+                    self.file.close()
+                    raise DataError(
+                        f"{self.out} is being written by another `fractalgen data prepare` ({holder}), or "
+                        "by worker processes of one that was killed and have not ended yet; wait for it "
+                        f"to end or stop it, then run again (lock file {self.path})"
+                    ) from None
+                if not waiting:
+                    log.warning(
+                        "waiting up to %.0f s for the conversion writing %s (%s)",
+                        self.wait_s,
+                        self.out,
+                        holder,
+                    )
+                    waiting = True
+                time.sleep(0.2)
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}, started {_now()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _check_output(out: str, plan: dict[str, Any] | None, endpoint: str | None) -> dict[str, Any] | None:
+    """The plan of the conversion at ``out`` (None if ``out`` is empty or missing).
+
+    Raises ``DataError`` if ``out`` holds something else, or a conversion with settings other than
+    ``plan`` (not compared if ``plan`` is None).
+    """
+    plan_uri = storage.join(out, PLAN_FILE)
+    existing = (
+        storage.read_json(plan_uri, endpoint=endpoint)
+        if storage.exists(plan_uri, endpoint=endpoint)
+        else None
+    )
+    if existing is None:
+        if storage.list_files(out, endpoint=endpoint):
+            raise DataError(
+                f"{out} is not empty and holds no FractalGen conversion; choose an empty location "
+                "or pass --overwrite to delete what is there"
+            )
+        return None
+    if plan is not None and existing != plan:
+        changed = sorted(k for k in set(plan) | set(existing) if plan.get(k) != existing.get(k))
+        raise DataError(
+            f"{out} holds a conversion with other settings ({', '.join(changed)}); "
+            "pass --overwrite to start again"
+        )
+    return existing
+
+
+def _discard(out: str, endpoint: str | None) -> None:
+    """Delete what this conversion wrote at ``out`` (it holds nothing else), keeping a local folder."""
+    storage.delete_tree(out, endpoint=endpoint)
+    if not storage.is_remote(out):
+        os.makedirs(storage.local_path(out), exist_ok=True)
+
+
+def _no_images_error(source: str, out: str, summary: dict[str, Any]) -> DataError:
+    skipped = summary["skipped"]
+    shown = "; ".join(f"{s['key']}: {s['reason']}" for s in skipped[:SHOWN_SKIPPED])
+    more = f"; ... and {len(skipped) - SHOWN_SKIPPED} more" if len(skipped) > SHOWN_SKIPPED else ""
+    kinds = ", ".join(f"{n} {kind}" for kind, n in summary["skipped_reasons"].items())
+    return DataError(
+        f"no image of {source} could be converted ({len(skipped)} of {summary['num_source_items']} "
+        f"items skipped: {kinds}); nothing was written to {out}. Skipped: {shown}{more}"
+    )
 
 
 def _publish_part(shard_dir: str, dest: str, endpoint: str | None) -> None:
@@ -177,6 +392,7 @@ def _publish_part(shard_dir: str, dest: str, endpoint: str | None) -> None:
 def _plan(
     source, *, size: int, image_format: str, compression: str | None, shard_size_limit: int, part_size: int
 ) -> dict[str, Any]:
+    # Class names come from folder names too, which may not be UTF-8 (see ``safe_key``).
     return {
         "version": 1,
         "source": source.uri,
@@ -184,7 +400,7 @@ def _plan(
         "split": getattr(source, "split", None),
         "fingerprint": source.fingerprint(),
         "num_items": len(source),
-        "class_names": list(source.class_names),
+        "class_names": [safe_key(name) for name in source.class_names],
         "image_size": size,
         "image_format": image_format,
         "compression": compression,
@@ -271,13 +487,15 @@ def prepare_dataset(
         image_format: ``"png"`` (default, lossless, ~half the bytes) or ``"ndarray"`` (raw uint8).
         part_size: images per part (the unit of parallelism and resuming).
         split, labels, class_names, image_column, label_column: passed to ``sources.open_source``.
-        overwrite: delete whatever is at ``out`` first instead of resuming.
+        overwrite: delete whatever is at ``out`` (once the source has been read) instead of resuming.
         progress: show a tqdm progress bar.
         endpoint: S3 endpoint for boto3 (default: ``storage.endpoint_url()``).
         staging_dir: local scratch folder for S3 output (default: the system temp folder).
         summary_extra: entries added to (or replacing) the written summary, e.g. provenance.
 
-    Raises ``DataError`` for a bad source, a non-dataset ``out``, or a resume with other settings.
+    Raises ``DataError`` for a bad source, a source of which no image converts, a non-dataset
+    ``out``, a resume with other settings, or another run writing ``out`` (after ``LOCK_WAIT_S``).
+    Errors found before converting leave ``out`` as it was.
     """
     from streaming.base.compression import is_compression
     from streaming.base.util import bytes_to_int
@@ -294,19 +512,9 @@ def prepare_dataset(
     mds_columns(image_format, size)  # validates image_format
     limit = bytes_to_int(shard_size_limit)
 
-    if overwrite:
-        storage.delete_tree(out, endpoint=endpoint)
-    plan_uri = storage.join(out, PLAN_FILE)
-    existing_plan = (
-        storage.read_json(plan_uri, endpoint=endpoint)
-        if storage.exists(plan_uri, endpoint=endpoint)
-        else None
-    )
-    if existing_plan is None and storage.list_files(out, endpoint=endpoint):
-        raise DataError(
-            f"{out} is not empty and holds no FractalGen conversion; choose an empty location or overwrite"
-        )
-
+    # Check the output and read the source before touching `out`: bad input leaves it as it was.
+    if not overwrite:
+        _check_output(out, None, endpoint)  # a foreign `out` is refused before a long source scan
     src = open_source(
         source,
         split=split,
@@ -324,20 +532,68 @@ def prepare_dataset(
         shard_size_limit=limit,
         part_size=part_size,
     )
-    if existing_plan is not None and existing_plan != plan:
-        changed = sorted(k for k in set(plan) | set(existing_plan) if plan.get(k) != existing_plan.get(k))
-        raise DataError(
-            f"{out} holds a conversion with other settings ({', '.join(changed)}); "
-            "pass overwrite=True (--overwrite) to start again"
+    if not overwrite:
+        _check_output(out, plan, endpoint)
+    with _RunLock(out, endpoint, LOCK_WAIT_S):
+        if overwrite:
+            storage.delete_tree(out, endpoint=endpoint)
+            existing_plan = None
+        else:  # again: another run may have changed `out` while this one waited for the lock
+            existing_plan = _check_output(out, plan, endpoint)
+        if existing_plan is not None and storage.exists(storage.join(out, "index.json"), endpoint=endpoint):
+            from fractalgen.pipelines.summary import read_summary
+
+            log.info("%s is already complete", out)
+            return read_summary(out, endpoint=endpoint)
+        if existing_plan is None:
+            storage.write_json(storage.join(out, PLAN_FILE), plan, endpoint=endpoint)
+        token = uuid.uuid4().hex
+        run = {"token": token, "pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+        storage.write_json(storage.join(out, RUN_FILE), run, endpoint=endpoint)
+        summary = _convert(
+            src,
+            out,
+            plan,
+            token,
+            workers=workers,
+            progress=progress,
+            endpoint=endpoint,
+            staging_dir=staging_dir,
+            started=started,
         )
-    if existing_plan is None:
-        storage.write_json(plan_uri, plan, endpoint=endpoint)
-    elif storage.exists(storage.join(out, "index.json"), endpoint=endpoint):
-        from fractalgen.pipelines.summary import read_summary
+        if summary["num_images"] == 0:
+            _discard(out, endpoint)
+            raise _no_images_error(source, out, summary)
+        summary.update(summary_extra or {})
+        from fractalgen.pipelines.summary import write_summary
 
-        log.info("%s is already complete", out)
-        return read_summary(out, endpoint=endpoint)
+        write_summary(out, summary, endpoint=endpoint)
+        _merge_index(out, [part_name(i) for i in range(summary["num_parts"])], endpoint)
+    log.info(
+        "prepared %s: %d images, %d classes, %d skipped, %.1f MB",
+        out,
+        summary["num_images"],
+        summary["num_classes"],
+        summary["num_skipped"],
+        summary["bytes"] / 1e6,
+    )
+    return summary
 
+
+def _convert(
+    src,
+    out: str,
+    plan: dict[str, Any],
+    token: str,
+    *,
+    workers: int,
+    progress: bool,
+    endpoint: str | None,
+    staging_dir: str | None,
+    started: float,
+) -> dict[str, Any]:
+    """Convert the parts of ``plan`` not yet done at ``out``; the summary of all parts."""
+    part_size, size = plan["part_size"], plan["image_size"]
     num_parts = (len(src) + part_size - 1) // part_size
     names = [part_name(i) for i in range(num_parts)]
     present = storage.list_files(out, endpoint=endpoint)
@@ -360,11 +616,12 @@ def prepare_dataset(
             src.part(i * part_size, min(len(src), (i + 1) * part_size)),
             out,
             size,
-            image_format,
-            compression,
-            limit,
+            plan["image_format"],
+            plan["compression"],
+            plan["shard_size_limit"],
             staging_root,
             endpoint,
+            token,
         )
         for i in todo
     ]
@@ -378,23 +635,8 @@ def prepare_dataset(
         )
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
-
     markers = [storage.read_json(storage.join(out, n, PART_MARKER), endpoint=endpoint) for n in names]
-    summary = _summarise(plan, markers, started)
-    summary.update(summary_extra or {})
-    from fractalgen.pipelines.summary import write_summary
-
-    write_summary(out, summary, endpoint=endpoint)
-    _merge_index(out, names, endpoint)
-    log.info(
-        "prepared %s: %d images, %d classes, %d skipped, %.1f MB",
-        out,
-        summary["num_images"],
-        summary["num_classes"],
-        summary["num_skipped"],
-        summary["bytes"] / 1e6,
-    )
-    return summary
+    return _summarise(plan, markers, started)
 
 
 def _run_tasks(tasks: list[PartTask], *, workers: int, progress: bool, total: int, desc: str) -> None:
@@ -412,7 +654,10 @@ def _run_tasks(tasks: list[PartTask], *, workers: int, progress: bool, total: in
     ctx = mp.get_context(method)
     queue = ctx.SimpleQueue()
     with ProcessPoolExecutor(
-        max_workers=min(workers, len(tasks)), mp_context=ctx, initializer=_init_worker, initargs=(queue,)
+        max_workers=min(workers, len(tasks)),
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(queue, os.getpid()),
     ) as pool:
         futures: set[Future] = {pool.submit(convert_part, task) for task in tasks}
         try:
@@ -439,10 +684,12 @@ def _summarise(plan: dict[str, Any], markers: list[dict[str, Any]], started: flo
     class_names = plan["class_names"]
     counts = [0] * len(class_names)
     skipped: list[dict[str, str]] = []
+    renamed: list[dict[str, str]] = []
     for marker in markers:
         for label, n in marker["class_counts"].items():
             counts[int(label)] += n
         skipped += marker["skipped"]
+        renamed += marker.get("renamed", [])  # parts written before renaming existed have none
     num_images = sum(m["num_images"] for m in markers)
     stored = sum(m["bytes"] for m in markers)
     return {
@@ -470,6 +717,8 @@ def _summarise(plan: dict[str, Any], markers: list[dict[str, Any]], started: flo
         "num_skipped": len(skipped),
         "skipped_reasons": dict(sorted(Counter(_reason_kind(s["reason"]) for s in skipped).items())),
         "skipped": skipped,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "num_renamed": len(renamed),
+        "renamed": renamed,
+        "created": _now(),
         "seconds": round(time.time() - started, 3),
     }

@@ -13,6 +13,15 @@ because some pyarrow versions ignore the ``AWS_ENDPOINT_URL*`` variables.
 
 Local writes are atomic (temporary file + ``os.replace``), so a reader sees either the old or the new
 file, never half of one. Object stores give the same guarantee per object.
+
+Retries (one setting for every S3 client here, ``s3_max_attempts``): each S3 request is attempted up
+to ``AWS_MAX_ATTEMPTS`` times (the standard AWS variable; default ``DEFAULT_S3_MAX_ATTEMPTS``) with
+jittered exponential backoff, on 5xx answers, throttling (``SlowDown``) and dropped or refused
+connections. boto3 clients (``s3_client``) use botocore's ``standard`` mode; pyarrow's
+``S3FileSystem`` (Ray Train's checkpoints, ``pyarrow_filesystem``) its standard strategy with the same
+count; mosaicml-streaming's own boto3 client reads ``AWS_MAX_ATTEMPTS`` from the environment, which
+``export_streaming_endpoint`` sets when it is unset. What still fails after the retries raises
+``StorageError`` naming the URI being read or written, the S3 error and the endpoint.
 """
 
 from __future__ import annotations
@@ -31,8 +40,81 @@ from typing import Any, BinaryIO
 
 ENDPOINT_ENV_VARS: tuple[str, ...] = ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
-_clients: dict[tuple[int, str | None], Any] = {}
+MAX_ATTEMPTS_ENV = "AWS_MAX_ATTEMPTS"  # read by botocore itself too (mosaicml-streaming's client)
+# botocore's standard mode waits rand(0, 1) x 50 ms x 2^i between attempts (1 s x 2^i after throttling),
+# at most 20 s: 10 attempts ride out about 13 s of errors on average (about 50 s of throttling);
+# pyarrow's standard strategy waits rand(0, 1) x 1 s x 2^i, at most 20 s.
+DEFAULT_S3_MAX_ATTEMPTS = 10
+S3_CONNECT_TIMEOUT_S = 10.0
+S3_READ_TIMEOUT_S = 60.0
+
+_clients: dict[tuple[int, str | None, int], Any] = {}
 _clients_lock = threading.Lock()
+
+
+class StorageError(OSError):
+    """An S3 request still failed after its retries; the message names the URI and the endpoint."""
+
+
+def s3_max_attempts() -> int:
+    """Attempts per S3 request (first try included): ``AWS_MAX_ATTEMPTS``, else the default."""
+    raw = os.environ.get(MAX_ATTEMPTS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_S3_MAX_ATTEMPTS
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{MAX_ATTEMPTS_ENV}={raw!r}: expected a whole number of attempts (>= 1)") from None
+    if value < 1:
+        raise ValueError(f"{MAX_ATTEMPTS_ENV}={raw!r}: expected a whole number of attempts (>= 1)")
+    return value
+
+
+def botocore_config(**extra: Any) -> Any:
+    """The ``botocore.config.Config`` of every boto3 client here (retries, timeouts, ``extra``)."""
+    from botocore.config import Config
+
+    return Config(
+        retries={"mode": "standard", "total_max_attempts": s3_max_attempts()},
+        connect_timeout=S3_CONNECT_TIMEOUT_S,
+        read_timeout=S3_READ_TIMEOUT_S,
+        **extra,
+    )
+
+
+def _is_s3_library_error(err: BaseException) -> bool:
+    """An error raised by boto3 / botocore / s3transfer (the S3 client), not by our own code."""
+    return type(err).__module__.split(".", 1)[0] in ("botocore", "boto3", "s3transfer")
+
+
+def _s3_reason(err: BaseException) -> str:
+    response = getattr(err, "response", None) or {}
+    retries = response.get("ResponseMetadata", {}).get("RetryAttempts")
+    tries = f" after {int(retries) + 1} attempts" if isinstance(retries, int) and retries > 0 else ""
+    error = response.get("Error", {})
+    if error.get("Code"):
+        code = str(error["Code"])
+        code = f"HTTP {code}" if code.isdigit() else code
+        message = error.get("Message") or ""
+        return f"{code}{f' ({message})' if message else ''}{tries}"
+    return f"{type(err).__name__}: {str(err).strip()}{tries}"
+
+
+@contextlib.contextmanager
+def _s3_errors(action: str, uri: str, endpoint: str | None) -> Iterator[None]:
+    """Turn an S3 client error that survived the retries into a ``StorageError`` naming ``uri``."""
+    try:
+        yield
+    except (StorageError, FileNotFoundError):
+        raise
+    except Exception as err:
+        if not _is_s3_library_error(err):
+            raise
+        where = endpoint_url(endpoint) or "AWS"
+        raise StorageError(
+            f"cannot {action} {uri}: {_s3_reason(err)} (S3 endpoint {where}; each request is tried "
+            f"{s3_max_attempts()} times with backoff, {MAX_ATTEMPTS_ENV} sets how many)"
+        ) from err
 
 
 def is_remote(uri: str) -> bool:
@@ -93,28 +175,29 @@ def endpoint_url(explicit: str | None = None) -> str | None:
 def s3_client(endpoint: str | None = None) -> Any:
     """A boto3 S3 client (standard credential chain) for ``endpoint_url(endpoint)``.
 
-    Clients are cached per process and endpoint; they are thread-safe but must not cross a fork,
-    hence the pid in the cache key.
+    Clients are cached per process, endpoint and retry count; they are thread-safe but must not cross
+    a fork, hence the pid in the cache key. Retries: ``botocore_config`` (module docstring).
     """
     import boto3
-    from botocore.config import Config
 
     url = endpoint_url(endpoint)
-    key = (os.getpid(), url)
+    key = (os.getpid(), url, s3_max_attempts())
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            config = Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32)
+            config = botocore_config(max_pool_connections=32)
             client = boto3.session.Session().client("s3", endpoint_url=url, config=config)
             _clients[key] = client
     return client
 
 
 def export_streaming_endpoint(endpoint: str | None) -> None:
-    """Make mosaicml-streaming (which reads only ``S3_ENDPOINT_URL``) use ``endpoint`` if one is set."""
+    """Make mosaicml-streaming (which reads only ``S3_ENDPOINT_URL``) use ``endpoint`` if one is set,
+    and its boto3 client retry ``s3_max_attempts()`` times (``AWS_MAX_ATTEMPTS``, set if unset)."""
     url = endpoint_url(endpoint)
     if url:
         os.environ["S3_ENDPOINT_URL"] = url
+    os.environ.setdefault(MAX_ATTEMPTS_ENV, str(s3_max_attempts()))
 
 
 def _is_not_found(err: Exception) -> bool:
@@ -128,13 +211,14 @@ def exists(uri: str, *, endpoint: str | None = None) -> bool:
         from botocore.exceptions import ClientError
 
         bucket, key = split_s3(uri)
-        try:
-            s3_client(endpoint).head_object(Bucket=bucket, Key=key)
-            return True
-        except ClientError as err:
-            if _is_not_found(err):
-                return False
-            raise
+        with _s3_errors("check", uri, endpoint):
+            try:
+                s3_client(endpoint).head_object(Bucket=bucket, Key=key)
+                return True
+            except ClientError as err:
+                if _is_not_found(err):
+                    return False
+                raise
     return os.path.isfile(local_path(uri))
 
 
@@ -142,7 +226,8 @@ def size(uri: str, *, endpoint: str | None = None) -> int:
     """Size in bytes of the file at ``uri``."""
     if is_remote(uri):
         bucket, key = split_s3(uri)
-        return int(s3_client(endpoint).head_object(Bucket=bucket, Key=key)["ContentLength"])
+        with _s3_errors("read the size of", uri, endpoint):
+            return int(s3_client(endpoint).head_object(Bucket=bucket, Key=key)["ContentLength"])
     return os.path.getsize(local_path(uri))
 
 
@@ -152,12 +237,13 @@ def read_bytes(uri: str, *, endpoint: str | None = None) -> bytes:
         from botocore.exceptions import ClientError
 
         bucket, key = split_s3(uri)
-        try:
-            return s3_client(endpoint).get_object(Bucket=bucket, Key=key)["Body"].read()
-        except ClientError as err:
-            if _is_not_found(err) or "NoSuchBucket" in str(err):
-                raise FileNotFoundError(uri) from err
-            raise
+        with _s3_errors("read", uri, endpoint):
+            try:
+                return s3_client(endpoint).get_object(Bucket=bucket, Key=key)["Body"].read()
+            except ClientError as err:
+                if _is_not_found(err) or "NoSuchBucket" in str(err):
+                    raise FileNotFoundError(uri) from err
+                raise
     with open(local_path(uri), "rb") as f:
         return f.read()
 
@@ -169,7 +255,8 @@ def read_range(uri: str, offset: int, length: int, *, endpoint: str | None = Non
     if is_remote(uri):
         bucket, key = split_s3(uri)
         rng = f"bytes={offset}-{offset + length - 1}"
-        return s3_client(endpoint).get_object(Bucket=bucket, Key=key, Range=rng)["Body"].read()
+        with _s3_errors(f"read {rng} of", uri, endpoint):
+            return s3_client(endpoint).get_object(Bucket=bucket, Key=key, Range=rng)["Body"].read()
     with open(local_path(uri), "rb") as f:
         f.seek(offset)
         return f.read(length)
@@ -179,7 +266,8 @@ def write_bytes(uri: str, data: bytes, *, endpoint: str | None = None) -> None:
     """Write a whole file; atomic for local paths (temporary file, then ``os.replace``)."""
     if is_remote(uri):
         bucket, key = split_s3(uri)
-        s3_client(endpoint).put_object(Bucket=bucket, Key=key, Body=data)
+        with _s3_errors("write", uri, endpoint):
+            s3_client(endpoint).put_object(Bucket=bucket, Key=key, Body=data)
         return
     path = local_path(uri)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -206,7 +294,8 @@ def upload_file(local: str, uri: str, *, endpoint: str | None = None) -> None:
     """Copy a local file to ``uri`` (multipart upload on S3; atomic copy locally)."""
     if is_remote(uri):
         bucket, key = split_s3(uri)
-        s3_client(endpoint).upload_file(local, bucket, key)
+        with _s3_errors("write", uri, endpoint):
+            s3_client(endpoint).upload_file(local, bucket, key)
         return
     dest = local_path(uri)
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
@@ -220,7 +309,8 @@ def download_file(uri: str, local: str, *, endpoint: str | None = None) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
     if is_remote(uri):
         bucket, key = split_s3(uri)
-        s3_client(endpoint).download_file(bucket, key, local)
+        with _s3_errors("read", uri, endpoint):
+            s3_client(endpoint).download_file(bucket, key, local)
         return
     shutil.copyfile(local_path(uri), local)
 
@@ -238,11 +328,12 @@ def list_files(uri: str, *, endpoint: str | None = None, recursive: bool = True)
         if not recursive:
             kwargs["Delimiter"] = "/"
         out = []
-        for page in paginator.paginate(**kwargs):
-            for obj in page.get("Contents", []):
-                rel = obj["Key"][len(prefix) :]
-                if rel and not rel.endswith("/"):
-                    out.append(rel)
+        with _s3_errors("list", uri, endpoint):
+            for page in paginator.paginate(**kwargs):
+                for obj in page.get("Contents", []):
+                    rel = obj["Key"][len(prefix) :]
+                    if rel and not rel.endswith("/"):
+                        out.append(rel)
         return sorted(out)
     root = Path(local_path(uri))
     if not root.is_dir():
@@ -259,9 +350,10 @@ def list_dirs(uri: str, *, endpoint: str | None = None) -> list[str]:
         prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
         paginator = s3_client(endpoint).get_paginator("list_objects_v2")
         out = []
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-            for common in page.get("CommonPrefixes", []):
-                out.append(common["Prefix"][len(prefix) :].rstrip("/"))
+        with _s3_errors("list", uri, endpoint):
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+                for common in page.get("CommonPrefixes", []):
+                    out.append(common["Prefix"][len(prefix) :].rstrip("/"))
         return sorted(out)
     root = Path(local_path(uri))
     if not root.is_dir():
@@ -274,7 +366,8 @@ def is_dir(uri: str, *, endpoint: str | None = None) -> bool:
     if is_remote(uri):
         bucket, prefix = split_s3(uri)
         prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-        resp = s3_client(endpoint).list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        with _s3_errors("list", uri, endpoint):
+            resp = s3_client(endpoint).list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
         return bool(resp.get("KeyCount", 0))
     return os.path.isdir(local_path(uri))
 
@@ -286,10 +379,13 @@ def delete_tree(uri: str, *, endpoint: str | None = None) -> None:
         prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
         client = s3_client(endpoint)
         paginator = client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
-            for i in range(0, len(keys), 1000):
-                client.delete_objects(Bucket=bucket, Delete={"Objects": keys[i : i + 1000], "Quiet": True})
+        with _s3_errors("delete", uri, endpoint):
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+                for i in range(0, len(keys), 1000):
+                    client.delete_objects(
+                        Bucket=bucket, Delete={"Objects": keys[i : i + 1000], "Quiet": True}
+                    )
         return
     shutil.rmtree(local_path(uri), ignore_errors=True)
 
@@ -298,7 +394,8 @@ def delete_file(uri: str, *, endpoint: str | None = None) -> None:
     """Delete one file (no error if it is missing)."""
     if is_remote(uri):
         bucket, key = split_s3(uri)
-        s3_client(endpoint).delete_object(Bucket=bucket, Key=key)
+        with _s3_errors("delete", uri, endpoint):
+            s3_client(endpoint).delete_object(Bucket=bucket, Key=key)
         return
     with contextlib.suppress(FileNotFoundError):
         os.unlink(local_path(uri))
@@ -366,21 +463,25 @@ def open_stream(uri: str, *, endpoint: str | None = None) -> BinaryIO:
     """A forward-only binary stream over the whole of ``uri`` (one GET on S3)."""
     if is_remote(uri):
         bucket, key = split_s3(uri)
-        body = s3_client(endpoint).get_object(Bucket=bucket, Key=key)["Body"]
-        return io.BufferedReader(_BodyRaw(body), buffer_size=1 << 20)  # type: ignore[return-value]
+        with _s3_errors("read", uri, endpoint):
+            body = s3_client(endpoint).get_object(Bucket=bucket, Key=key)["Body"]
+        return io.BufferedReader(_BodyRaw(body, uri, endpoint), buffer_size=1 << 20)  # type: ignore[return-value]
     return open(local_path(uri), "rb")
 
 
 class _BodyRaw(io.RawIOBase):
-    def __init__(self, body) -> None:
+    def __init__(self, body, uri: str, endpoint: str | None) -> None:
         super().__init__()
         self.body = body
+        self.uri = uri
+        self.endpoint = endpoint
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:  # type: ignore[override]
-        data = self.body.read(len(buffer))
+        with _s3_errors("read", self.uri, self.endpoint):
+            data = self.body.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
 
@@ -404,6 +505,10 @@ def pyarrow_filesystem(uri: str, *, endpoint: str | None = None):
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region:
             kwargs["region"] = region
+        # the same attempts per request as the boto3 clients (module docstring)
+        kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=s3_max_attempts())
+        kwargs["connect_timeout"] = S3_CONNECT_TIMEOUT_S
+        kwargs["request_timeout"] = S3_READ_TIMEOUT_S
         return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(local_path(uri))
 

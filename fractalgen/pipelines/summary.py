@@ -13,6 +13,9 @@ Summary keys (``read_summary`` guarantees the first four):
   ``raw_bytes``, ``bytes_per_image``, ``num_shards``, ``num_parts``, ``image_format``, ``columns``,
   ``compression``, ``source``, ``source_kind``, ``split``, ``num_source_items``.
 - ``num_skipped``, ``skipped_reasons`` (reason kind -> count), ``skipped`` (list of ``{key, reason}``).
+- ``num_renamed``, ``renamed`` (list of ``{key, reason}``): items whose source name is not valid
+  UTF-8, stored under ``key`` with the undecodable bytes escaped (datasets prepared before these
+  fields existed lack them).
 """
 
 from __future__ import annotations

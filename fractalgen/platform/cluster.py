@@ -77,7 +77,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fractalgen import __version__
-from fractalgen.config import ConfigError, TrainRunConfig, from_dict, load, to_dict
+from fractalgen.config import ConfigError, TrainRunConfig, finite_float, from_dict, load, to_dict
 
 GiB = float(1 << 30)
 
@@ -790,24 +790,26 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--node-type", choices=sorted(NODE_TYPES), default=DEFAULT_NODE_TYPE, help="default: p5.48xlarge"
     )
     plan.add_argument("--gpus-per-node", type=int, default=None, help="override the node type's GPU count")
-    plan.add_argument("--gpu-memory-gib", type=float, default=None, help="override the GPU memory (GiB)")
+    plan.add_argument(
+        "--gpu-memory-gib", type=finite_float, default=None, help="override the GPU memory (GiB)"
+    )
     plan.add_argument(
         "--num-images", type=int, default=None, help="dataset size (default: the summary at data.train_uri)"
     )
     plan.add_argument(
         "--step-time",
-        type=float,
+        type=finite_float,
         default=None,
         help="measured seconds per optimizer step on this shape (default: from PERF.md's reference table)",
     )
     plan.add_argument(
         "--efficiency",
-        type=float,
+        type=finite_float,
         default=1.0,
         help="data-parallel scaling efficiency for the default step time",
     )
     plan.add_argument(
-        "--headroom", type=float, default=0.08, help="fraction of GPU memory kept free (default 0.08)"
+        "--headroom", type=finite_float, default=0.08, help="fraction of GPU memory kept free (default 0.08)"
     )
     plan.add_argument(
         "--weights",

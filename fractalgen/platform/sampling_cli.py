@@ -33,6 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fractalgen.config import finite_float, positive_float
 from fractalgen.platform.cli import CLIError
 
 if TYPE_CHECKING:
@@ -52,13 +53,17 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "sampling settings (default: the version's best sweep settings, else the model's)"
     )
-    g.add_argument("--cfg", type=float, help="classifier-free guidance scale (1.0: none)")
+    g.add_argument("--cfg", type=finite_float, help="classifier-free guidance scale (1.0: none)")
     g.add_argument(
         "--cfg-schedule", choices=("linear", "constant"), help="guidance schedule at the top level"
     )
-    g.add_argument("--temperature", type=float, help="multiplies the logits (released meaning: > 1 sharpens)")
+    g.add_argument(
+        "--temperature", type=finite_float, help="multiplies the logits (released meaning: > 1 sharpens)"
+    )
     g.add_argument("--num-iters", help="iterations per level, e.g. 64,16 (AR levels always take seq_len)")
-    g.add_argument("--filter-threshold", type=float, default=1e-4, help="CFG filter threshold (default 1e-4)")
+    g.add_argument(
+        "--filter-threshold", type=finite_float, default=1e-4, help="CFG filter threshold (default 1e-4)"
+    )
     g.add_argument(
         "--no-best-settings", action="store_true", help="ignore sampling.* tags of a registered version"
     )
@@ -348,6 +353,63 @@ def write_gif(frames: list[Any], path: str | os.PathLike[str], *, ncols: int | N
 
 
 # ------------------------------------------------------------------------------------ the command
+def check_output_folder(out: Path) -> None:
+    """``out`` is a folder or could be created as one; ``CLIError`` before any sampling otherwise."""
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise CLIError(f"--out {out}: exists and is not a folder")
+        target = out
+    else:
+        target = out.absolute().parent
+        while not target.exists():
+            target = target.parent
+        if not target.is_dir():
+            raise CLIError(f"--out {out}: {target} is not a folder")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {out}: {target} is not writable")
+
+
+class OutputFolder:
+    """The output folder, created only when there is something to write.
+
+    ``path(name)`` gives the path of a file to write (creating the folder at the first call); if the
+    ``with`` block fails, the files and folders this run created are removed again (files that were
+    there before are left alone).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.new_folders: list[Path] = []  # outermost first
+        self.new_files: list[Path] = []
+
+    def path(self, name: str) -> Path:
+        if not self.folder.is_dir():
+            missing, parent = [], self.folder
+            while not parent.exists():
+                missing.append(parent)
+                parent = parent.parent
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.new_folders = missing[::-1]
+        path = self.folder / name
+        if not path.exists():
+            self.new_files.append(path)
+        return path
+
+    def __enter__(self) -> OutputFolder:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            return
+        for path in self.new_files:
+            path.unlink(missing_ok=True)
+        for folder in reversed(self.new_folders):
+            try:
+                folder.rmdir()  # only when empty: never anything another process put there
+            except OSError:
+                break
+
+
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
@@ -362,7 +424,7 @@ def run_sample(args: argparse.Namespace) -> int:
     )
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out)  # created when the images are there (a failed run leaves no folder)
     work = tempfile.mkdtemp(prefix="fractalgen-sample-")  # downloaded / exported weights
     atexit.register(shutil.rmtree, work, ignore_errors=True)
     try:
@@ -383,7 +445,7 @@ def run_sample(args: argparse.Namespace) -> int:
         raise CLIError("nothing to sample: give --labels or --num-images > 0")
     S = cfg.img_size
 
-    known = known_mask = None
+    known = known_mask = image = keep = None
     if args.input or args.mask or args.region:
         if not args.input:
             raise CLIError("--mask / --region need --input IMAGE (the pixels to keep)")
@@ -393,11 +455,10 @@ def run_sample(args: argparse.Namespace) -> int:
         keep = load_mask_image(args.mask, S) if args.mask else region_mask(args.region, S)
         known = image.unsqueeze(0).expand(n, -1, -1, -1).contiguous()
         known_mask = keep.unsqueeze(0).expand(n, -1, -1).contiguous()
-        save_png(image, out / "input.png")
-        save_png(torch.where(keep, 0.0, 1.0).expand(3, -1, -1), out / "mask.png")
 
     resolved = settings.resolved(cfg)
     print(f"sampling {n} image(s) of {S}x{S} from {args.model}: {resolved.describe()}, seed {args.seed}")
+    frames = None
     try:
         if args.animate:
             recorder = GenerationRecorder(model)
@@ -405,12 +466,6 @@ def run_sample(args: argparse.Namespace) -> int:
             with recorder:
                 images = sample_batch(model, label_t, settings, args.seed, known=known, known_mask=known_mask)
             frames = recorder.frames(images, max_frames=args.animate_frames)
-            gif = write_gif(
-                frames, out / "generation.gif", ncols=args.grid_cols, scale=auto_scale(S), fps=args.fps
-            )
-            print(
-                f"wrote {gif} ({len(frames)} frames; all {n} images sampled as one batch with seed {args.seed})"
-            )
         else:
             images = generate_images(
                 model, label_t, settings, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
@@ -419,10 +474,6 @@ def run_sample(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CLIError(str(err)) from None
 
-    for i, (img, lab) in enumerate(zip(images, label_t.tolist())):
-        save_png(img, out / f"{i:05d}_class{lab}.png")
-    grid_scale = args.grid_scale or auto_scale(S)
-    save_png(make_grid(images, args.grid_cols), out / "grid.png", scale=grid_scale)
     record = {
         "model": args.model,
         "registered": {"name": source.registered_name, "version": source.version}
@@ -435,7 +486,23 @@ def run_sample(args: argparse.Namespace) -> int:
         "batch_size": n if args.animate else args.batch_size,
         "inpainting": bool(known is not None),
     }
-    (out / "sample.json").write_text(json.dumps(record, indent=2))
+    try:
+        with OutputFolder(out) as folder:
+            if known is not None:
+                save_png(image, folder.path("input.png"))
+                save_png(torch.where(keep, 0.0, 1.0).expand(3, -1, -1), folder.path("mask.png"))
+            if frames is not None:
+                gif = write_gif(frames, folder.path("generation.gif"), ncols=args.grid_cols,
+                                scale=auto_scale(S), fps=args.fps)  # fmt: skip
+                print(f"wrote {gif} ({len(frames)} frames; all {n} images sampled as one batch with "
+                      f"seed {args.seed})")  # fmt: skip
+            for i, (img, lab) in enumerate(zip(images, label_t.tolist())):
+                save_png(img, folder.path(f"{i:05d}_class{lab}.png"))
+            grid_scale = args.grid_scale or auto_scale(S)
+            save_png(make_grid(images, args.grid_cols), folder.path("grid.png"), scale=grid_scale)
+            folder.path("sample.json").write_text(json.dumps(record, indent=2))
+    except OSError as err:
+        raise CLIError(f"--out {out}: cannot write: {err}") from None
     print(f"wrote {n} PNG(s), {out / 'grid.png'} and {out / 'sample.json'}")
     return 0
 
@@ -475,7 +542,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--animate", action="store_true", help="also write generation.gif (one batch, pixel by pixel)"
     )
     a.add_argument("--animate-frames", type=int, default=120, help="at most this many frames (default 120)")
-    a.add_argument("--fps", type=float, default=12.0)
+    a.add_argument("--fps", type=positive_float, default=12.0, help="GIF frames per second (default 12)")
     i = p.add_argument_group("inpainting / outpainting (paper section 5.3)")
     i.add_argument("--input", help="image whose pixels are kept (ADM centre-cropped to the model size)")
     i.add_argument("--mask", help="mask image: white = generate, black = keep")

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fractalgen.config import ConfigError, dumps, load, to_dict
 from fractalgen.platform.cli import CLIError
+from fractalgen.platform.ray_connect import connect_ray
 
 if TYPE_CHECKING:
     from fractalgen.platform.evaluation.generate import SamplingSettings
@@ -427,15 +428,6 @@ def plot_fid_vs_cfg(rows: list[dict[str, Any]], path: Path, *, title: str = "") 
     return path
 
 
-def _connect_ray(cfg: SweepConfig) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.resources.address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, include_dashboard=False, log_to_driver=False)
-
-
 def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> SweepResult:
     """Run the sweep (module docstring) and return the results; see ``SweepResult``."""
     import numpy as np
@@ -475,7 +467,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> SweepResult:
         client.log_batch(parent_id, params=[Param(k, v[:6000]) for k, v in sorted(flat.items())])
         client.log_text(parent_id, dumps(cfg), "sweep/config.yaml")
 
-        _connect_ray(cfg)
+        connect_ray(cfg.resources.address)
         import ray
 
         cluster_gpus = ray.cluster_resources().get("GPU", 0)

@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from typing import Any
 
 from fractalgen.config import ConfigError, TrainRunConfig, dumps, load, to_dict
 from fractalgen.platform.cli import CLIError
+from fractalgen.platform.ray_connect import connect_ray
 from fractalgen.platform.worker import STATE_FILE, STATUS_FILE, WorkerPlan, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -67,10 +69,27 @@ def _abs_storage(path: str) -> str:
     return path if storage.is_remote(path) else os.path.abspath(storage.local_path(path))
 
 
-def plan_run(cfg: TrainRunConfig) -> WorkerPlan:
+def _check_local_folder(path: str) -> None:
+    """``path`` is a folder, or one that could be created there (a dry run creates nothing)."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise NotADirectoryError(f"{path} is not a folder")
+        target = path
+    else:
+        target = os.path.dirname(path)
+        while target and not os.path.exists(target):
+            target = os.path.dirname(target)
+        if not os.path.isdir(target):
+            raise NotADirectoryError(f"{target} is not a folder")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise PermissionError(f"{target} is not writable")
+
+
+def plan_run(cfg: TrainRunConfig, *, dry_run: bool = False) -> WorkerPlan:
     """Check everything the workers will need and derive the schedule; ``PlanError`` names the key.
 
-    Does not start Ray or MLflow.
+    Does not start Ray or MLflow. Creates the local storage folder, unless ``dry_run``: then it only
+    checks that the folder could be created, and writes nothing.
     """
     from fractalgen.models import MODEL_CONFIGS, get_config
     from fractalgen.pipelines import DataError, storage
@@ -133,6 +152,8 @@ def plan_run(cfg: TrainRunConfig) -> WorkerPlan:
         raise PlanError(
             f"train.global_batch_size: {cfg.train.global_batch_size} is larger than the dataset ({num_images} images)"
         )
+    if not math.isfinite(cfg.train.epochs * steps_per_epoch):
+        raise PlanError(f"train.epochs: {cfg.train.epochs} epochs is too many steps to count")
     total_steps = max(1, round(cfg.train.epochs * steps_per_epoch))
     stop_step = min(total_steps, cfg.train.max_steps or total_steps)
     class_names = tuple(str(c) for c in summary.get("class_names", ()))
@@ -146,6 +167,8 @@ def plan_run(cfg: TrainRunConfig) -> WorkerPlan:
         if storage.is_remote(storage_path):
             storage_endpoint = storage.endpoint_url(cfg.checkpoint.s3_endpoint_url)
             storage.list_dirs(storage_path, endpoint=storage_endpoint)  # bucket exists, credentials work
+        elif dry_run:
+            _check_local_folder(storage_path)
         else:
             os.makedirs(storage_path, exist_ok=True)
     except Exception as err:
@@ -304,22 +327,6 @@ def build_trainer(plan: WorkerPlan) -> Any:
     )
 
 
-def _connect_ray(cfg: TrainRunConfig) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        # with its dashboard (on 127.0.0.1 only): Ray Train's placement-group cleaner asks the state
-        # API, which the dashboard serves, whether the run is alive; without it, it warns every second
-        context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
-        if context.dashboard_url:
-            log.info("local Ray dashboard: http://%s", context.dashboard_url)
-
-
 def run_training(cfg: TrainRunConfig, *, plan: WorkerPlan | None = None) -> TrainOutcome:
     """Check, plan and run ``cfg`` on Ray; returns the outcome or raises ``PlanError`` / ``TrainError``."""
     from fractalgen.pipelines import storage
@@ -328,7 +335,7 @@ def run_training(cfg: TrainRunConfig, *, plan: WorkerPlan | None = None) -> Trai
     plan = plan or plan_run(cfg)
     plan = open_tracking(plan)
     storage.delete_file(storage.join(plan.run_uri, STATUS_FILE), endpoint=plan.storage_endpoint)
-    _connect_ray(plan.config)
+    connect_ray(plan.config.cluster.address, dashboard=True)
     trainer = build_trainer(plan)
     error: Exception | None = None
     try:
@@ -405,7 +412,7 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"finetune.init={json.dumps(args.init)}")  # JSON quoting: a YAML string as is
     cfg = load_run_config(args.config, overrides)
     try:
-        plan = plan_run(cfg)
+        plan = plan_run(cfg, dry_run=args.dry_run)
         if args.dry_run:
             from fractalgen.models import get_config
             from fractalgen.models.inspect import format_table
@@ -463,6 +470,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument(
-        "--dry-run", action="store_true", help="check the recipe and print the resolved config; no Ray"
+        "--dry-run",
+        action="store_true",
+        help="check the recipe and print the resolved config and plan; no Ray, writes nothing",
     )
     p.set_defaults(func=_train)

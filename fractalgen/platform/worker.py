@@ -12,8 +12,9 @@ Terms:
 - *checkpoint folder* ``<storage_path>/<name>/checkpoint_<step>`` (every rank adds its own files;
   Ray merges them): ``deepspeed/`` (DeepSpeed's shards: model states on rank 0, or on every rank
   under ZeRO-3, one optimizer partition per rank), ``latest``, ``run.yaml`` (the resolved config),
-  ``state.json``, ``samples/rank_<r>.json`` (with ``data.record_samples``), ``samples.png`` (when an
-  evaluation ran at that step).
+  ``run_state.json``, ``samples/rank_<r>.json`` (with ``data.record_samples``), ``samples.png`` (when
+  an evaluation ran at that step), and ``state.json`` (the run state again), written by rank 0 last,
+  once every rank's files are stored: a checkpoint folder without it is incomplete.
 - *resume*: only from ``ray.train.get_checkpoint()``: Ray hands the latest checkpoint to a worker
   group restarted after a failure and to a run relaunched with the same name. A fresh run may
   start from another run's checkpoint (``checkpoint.init_from``).
@@ -29,11 +30,13 @@ every checkpoint, so a checkpoint never holds weights updated with a non-finite 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
+import pickle
 import sys
 import tempfile
 import time
@@ -47,9 +50,16 @@ log = logging.getLogger(__name__)
 
 DS_TAG = "deepspeed"  # DeepSpeed's checkpoint tag: the sub-folder holding its shards
 STATE_FILE = "state.json"
+# the run state inside the files every rank uploads; STATE_FILE, the same content, is written by rank 0
+# once every rank's upload has finished, so a checkpoint with STATE_FILE is complete (readers require
+# it: checkpointing.resolve_checkpoint); a checkpoint Ray restores may predate it, hence this copy
+UPLOADED_STATE_FILE = "run_state.json"
 CONFIG_FILE = "run.yaml"
 SAMPLES_PNG = "samples.png"
 STATUS_FILE = "fractalgen_status.json"  # <run folder>/..., written by rank 0 when the loop ends
+# opt-in audit (docs/operations.md): a file every rank appends to, one JSON line when it starts or
+# resumes and one per step with the keys of the samples it trained on (bench/faults/training.py)
+SAMPLE_LOG_ENV = "FRACTALGEN_SAMPLE_LOG"
 
 
 @dataclass(kw_only=True)
@@ -84,6 +94,10 @@ class RunState:
     resumed_from: list[int] = field(default_factory=list)
     # one entry per log point: step, loss (mean over workers and steps since the last one), lr
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+# PyTorch: when set, every torch.load is weights_only (deepspeed_loads_weights_only)
+FORCE_WEIGHTS_ONLY_VAR = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -130,17 +144,81 @@ def _batches(loader: Any) -> Iterator[Any]:
         empty_before = empty
 
 
+def _append_sample_log(path: str, record: dict[str, Any]) -> None:
+    """One JSON line appended to ``SAMPLE_LOG_ENV``'s file with a single ``write`` (O_APPEND), so the
+    lines of concurrent ranks never interleave on a local filesystem."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 def _storage_fs(uri: str, endpoint: str | None):
     from fractalgen.pipelines import storage
 
     return storage.pyarrow_filesystem(uri, endpoint=endpoint)
 
 
+@contextlib.contextmanager
+def deepspeed_loads_weights_only() -> Iterator[None]:
+    """Make DeepSpeed's own ``torch.load(weights_only=False)`` calls safe for the duration.
+
+    ``engine.load_checkpoint`` unpickles its files fully. PyTorch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``
+    turns every ``torch.load`` into a ``weights_only`` one, and the allow-list is the real DeepSpeed
+    types named by ``checkpointing.OPTIMIZER_FILE_GLOBALS`` (the only globals its files hold), so a
+    resumed or ``checkpoint.init_from`` checkpoint runs no code from its files either.
+    """
+    import importlib
+
+    import torch
+
+    from fractalgen.platform.checkpointing import OPTIMIZER_FILE_GLOBALS
+
+    allowed = []
+    for _, name in OPTIMIZER_FILE_GLOBALS:
+        module, qualname = name.rsplit(".", 1)
+        allowed.append(getattr(importlib.import_module(module), qualname))
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY_VAR)
+    os.environ[FORCE_WEIGHTS_ONLY_VAR] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY_VAR, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY_VAR] = previous
+
+
+def _refused_files(folder: str, err: BaseException) -> str:
+    """Which DeepSpeed files of ``folder`` safe loading refused, and why (read from the pickles'
+    opcodes: nothing is executed)."""
+    import glob
+
+    from fractalgen.models.checkpoint import load_failure
+    from fractalgen.platform.checkpointing import OPTIMIZER_FILE_GLOBALS
+
+    reasons = []
+    for path in sorted(glob.glob(os.path.join(folder, DS_TAG, "*.pt"))):
+        reason = load_failure(path, err, OPTIMIZER_FILE_GLOBALS)
+        if "refuses" in reason:
+            reasons.append(f"{path}: {reason}")
+    return "; ".join(reasons) or load_failure(folder, err)
+
+
 def load_checkpoint(engine: Any, loader: Any, checkpoint: Any, *, rank: int) -> tuple[RunState, list[Any]]:
     """Restore the engine (weights, optimizer, lr schedule), the loader position and the run state."""
     with checkpoint.as_directory() as folder:
-        engine.load_checkpoint(folder, tag=DS_TAG, load_module_strict=True)
-        with open(os.path.join(folder, STATE_FILE)) as f:
+        try:
+            with deepspeed_loads_weights_only():
+                engine.load_checkpoint(folder, tag=DS_TAG, load_module_strict=True)
+        except pickle.UnpicklingError as err:
+            raise RuntimeError(f"checkpoint {folder} refused: {_refused_files(folder, err)}") from None
+        state_file = os.path.join(folder, STATE_FILE)
+        if not os.path.exists(state_file):  # uploaded, but its completion not yet marked (see above)
+            state_file = os.path.join(folder, UPLOADED_STATE_FILE)
+        with open(state_file) as f:
             raw = json.load(f)
         state = from_dict(RunState, raw)
         samples_file = os.path.join(folder, "samples", f"rank_{rank}.json")
@@ -163,11 +241,13 @@ def report_and_checkpoint(
     ledger: list[Any] | None,
     samples_png: bytes | None,
 ) -> str:
-    """Every rank: DeepSpeed shards + run files into a temporary folder, then ``ray.train.report``.
+    """Every rank: DeepSpeed shards + run files into a temporary folder, then ``ray.train.report``;
+    once every rank's upload has finished, rank 0 publishes ``STATE_FILE``.
 
     Returns the checkpoint's storage URI (``<run folder>/checkpoint_<step>``).
     """
     import ray.train
+    import torch.distributed as dist
 
     from fractalgen.pipelines import storage
 
@@ -179,7 +259,7 @@ def report_and_checkpoint(
             with open(os.path.join(tmp, "samples", f"rank_{rank}.json"), "w") as f:
                 json.dump(ledger, f)
         if rank == 0:
-            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            with open(os.path.join(tmp, UPLOADED_STATE_FILE), "w") as f:
                 json.dump(to_dict(state), f, indent=1)
             with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
                 f.write(dumps(plan.config))
@@ -191,7 +271,13 @@ def report_and_checkpoint(
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name
         )
-    return storage.join(plan.run_uri, name)
+    # A rank whose upload failed raised above and never gets here: the state stays unpublished.
+    if dist.is_initialized():
+        dist.barrier()
+    uri = storage.join(plan.run_uri, name)
+    if rank == 0:
+        storage.write_json(storage.join(uri, STATE_FILE), to_dict(state), endpoint=plan.storage_endpoint)
+    return uri
 
 
 def prune_checkpoints(plan: WorkerPlan, state: RunState) -> list[str]:
@@ -392,6 +478,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             endpoint=storage.endpoint_url(cfg.checkpoint.s3_endpoint_url),
         )
     frozen = freeze_levels(model, cfg.finetune.freeze_levels)
+    sample_log = os.environ.get(SAMPLE_LOG_ENV) or None
+    record_keys = cfg.data.record_samples or sample_log is not None
     engine = setup_engine(model, cfg, steps_per_epoch=plan.steps_per_epoch, use_gpu=use_gpu)
     loader = build_loader(
         cfg.data.train_uri,
@@ -404,7 +492,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         flip=cfg.data.flip,
         num_workers=cfg.data.loader_workers,
         endpoint=plan.data_endpoint,
-        return_keys=cfg.data.record_samples,
+        return_keys=record_keys,
         local_rank=ctx.get_local_rank(),
         local_world_size=ctx.get_local_world_size(),
     )
@@ -416,6 +504,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state.resumed_from.append(state.step)
         if rank == 0:
             _say(f"[fractalgen] resumed at step {state.step} ({state.samples_seen} images seen)")
+    attempt = f"{os.getpid()}-{time.time_ns()}"  # this worker process's run of the loop
+    if sample_log is not None:
+        _append_sample_log(sample_log, {"attempt": attempt, "rank": rank, "start_step": state.step})
 
     tracker = None
     if rank == 0 and plan.mlflow_run_id and plan.tracking_uri:
@@ -447,7 +538,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # starts, which a resumed run does at another step than the uninterrupted one
             torch.manual_seed(step_seed(t.seed, rank, state.step, micro))
             images, labels = batch[0], batch[1]
-            if cfg.data.record_samples:
+            if record_keys:
                 step_keys.extend(batch[2])
             images = images.to(device, non_blocking=True)  # (B, 3, S, S)
             labels = labels.to(device, non_blocking=True)  # (B,)
@@ -462,6 +553,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state.samples_seen += t.global_batch_size
         if cfg.data.record_samples:
             ledger.append([state.step, step_keys])
+        if sample_log is not None:
+            _append_sample_log(
+                sample_log,
+                {"attempt": attempt, "rank": rank, "step": state.step, "keys": step_keys, "time": time.time()},
+            )
 
         checkpoint_due = state.step % cfg.checkpoint.every_steps == 0 or state.step == plan.stop_step
         if not (state.step % t.log_every_steps == 0 or checkpoint_due or eval_due(state.step)):
@@ -606,7 +702,11 @@ def _latest_checkpoint_uri(plan: WorkerPlan) -> str | None:
         for n in storage.list_dirs(plan.run_uri, endpoint=plan.storage_endpoint)
         if n.startswith("checkpoint_")
     ]
-    return storage.join(plan.run_uri, max(names)) if names else None
+    for name in sorted(names, reverse=True):  # the latest complete one (report_and_checkpoint)
+        uri = storage.join(plan.run_uri, name)
+        if storage.exists(storage.join(uri, STATE_FILE), endpoint=plan.storage_endpoint):
+            return uri
+    return None
 
 
 __all__ = [

@@ -248,6 +248,7 @@ def run_fid(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ parser
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    from fractalgen.config import finite_float
     from fractalgen.platform.sampling_cli import add_sampling_args
 
     p = subparsers.add_parser(
@@ -296,7 +297,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help="Ray workers (0: this process; -1: one per GPU of the Ray cluster; default: -1 with RAY_ADDRESS or > 1 GPU, else 0)",
     )
-    f.add_argument("--gpus-per-worker", type=float, default=1.0)
+    f.add_argument(
+        "--gpus-per-worker", type=finite_float, default=1.0, help="GPUs per Ray worker (default 1)"
+    )
     f.add_argument(
         "--pr-images", type=int, default=10_000, help="images per side for precision/recall (0: skip)"
     )

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from fractalgen.platform.ray_connect import connect_ray
+
 if TYPE_CHECKING:
     from fractalgen.models import FractalGen
 
@@ -163,7 +165,10 @@ def resolve_model_source(
 ) -> ModelSource:  # fmt: skip
     """Resolve ``source`` (module docstring) to a local released-format file, downloading or exporting
     into ``work_dir`` (a new temporary folder when None) as needed. ``FileNotFoundError`` /
-    ``ValueError`` with a readable message when the source does not exist."""
+    ``ValueError`` with a readable message when the source does not exist; ``CheckpointError`` (a
+    ``ValueError``) naming the file when a checkpoint's DeepSpeed file is foreign or holds objects
+    safe loading refuses (nothing is ever unpickled unsafely: ``fractalgen/platform/checkpointing.py``;
+    files are loaded by ``load_model``, with ``weights_only``)."""
     work = Path(work_dir or tempfile.mkdtemp(prefix="fractalgen-model-"))
     if is_registry_uri(source):
         from fractalgen.platform import registry
@@ -359,8 +364,7 @@ def generate_features(
     else:
         import ray
 
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+        connect_ray()
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         gpus = gpus_per_worker if cluster_gpus >= gpus_per_worker > 0 else 0
         if num_workers < 0:  # one per GPU of the cluster

@@ -245,8 +245,10 @@ def load_inception(
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        from fractalgen.models.checkpoint import load_failure  # torch's reason, without its unsafe advice
+
         raise InceptionWeightsError(
-            f"{path} is not a PyTorch weights file ({type(err).__name__}: {err})"
+            f"{path} is not a PyTorch weights file: {load_failure(path, err)}"
         ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

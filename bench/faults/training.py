@@ -1,0 +1,712 @@
+"""Training faults (docs/reliability.md, "Training faults"): real tiny runs on this machine, each
+fault injected at random points (``Settings.rng``), and what must hold checked afterwards.
+
+Every run trains ``fractalmar_tiny16`` (16x16 images) on the embedded dataset cut to 10 classes x 8
+images (80 samples), 2 Ray Train workers x micro-batch 4: 10 steps per epoch, DeepSpeed ZeRO-1 on
+the CPU (gloo), as tests/platform/test_train_support.py's tiny runs do.
+
+Samples are counted by id with the worker's opt-in audit file (``FRACTALGEN_SAMPLE_LOG``,
+fractalgen/platform/worker.py): every rank appends a line when its loop starts (the step it starts
+or resumes at) and one per step with the keys of the samples it trained on. ``audit_samples``
+rolls back, per rank, the steps after each resume point (work lost with a killed worker group) and
+checks the *effective* sequence: every step of the run present once, and each epoch covering each of
+the 80 samples exactly once.
+
+Scenarios (names as ``python -m bench.faults --only NAME`` takes them):
+- ``train_worker_sigkill``: SIGKILL a Ray Train worker at a random step or while a checkpoint is
+  being written (its folder exists, Ray has not registered it); 10 kills in one run (2 short).
+- ``train_node_loss``: a ``ray.cluster_utils.Cluster`` of 1-CPU nodes; the node of a training
+  worker removed mid-run (a spare node joins afterwards, as an autoscaler would add one), then a
+  last removal that leaves too little for the worker group.
+- ``train_driver_killed``: ``fractalgen train`` (a subprocess joined to a standing Ray cluster, as
+  under ``ray job submit``) SIGKILLed mid-run, then the same command again.
+- ``train_mlflow_outage``: the ``mlflow server`` SIGKILLed mid-run and restarted on the same port and
+  store a few seconds later; every metric point counted on the server afterwards.
+- ``train_checkpoint_damaged``: a shard of the latest checkpoint truncated or deleted, then the same
+  ``fractalgen train`` command relaunched.
+- ``train_nonfinite_loss``: a run resumed at a random step with an absurd learning rate (the
+  injection of tests/platform/test_train.py), so its loss turns NaN/inf a step or two later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import re
+import signal
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.faults import Outcome, Settings, scenario
+
+WORLD = 2  # Ray Train workers
+MICRO = 4  # samples per worker per step
+STEPS_PER_EPOCH = 10  # 80 samples / (2 x 4)
+SAMPLE_LOG_ENV = "FRACTALGEN_SAMPLE_LOG"  # fractalgen.platform.worker.SAMPLE_LOG_ENV (not imported: heavy)
+# Ray Train V2 knobs for short runs (tests/platform/test_train_support.py): no preemption watcher,
+# a fast worker poll; the driver hands them on to the controller and the workers
+RAY_TRAIN_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "DS_ACCELERATOR": "cpu",
+    "MLFLOW_ENABLE_TELEMETRY": "false",
+    "DO_NOT_TRACK": "1",
+}
+MLFLOW_START_TIMEOUT_S = 120.0
+
+
+class Stop(Exception):
+    """The run ended (or the scenario gave up) while an injector was waiting for something."""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers: data, recipes, Ray, waiting
+
+
+def _environment(work: Path) -> Path:
+    """Environment of the scenario process (and so of every Ray process it starts); the audit file."""
+    log = work / "samples.jsonl"
+    os.environ.update(RAY_TRAIN_ENV)
+    os.environ[SAMPLE_LOG_ENV] = str(log)
+    os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("RAY_ADDRESS", None)
+    return log
+
+
+def _dataset(work: Path) -> tuple[str, list[str]]:
+    """The tiny dataset (80 samples) and the keys of all its samples, read from its shards."""
+    from fractalgen.pipelines.embedded import build_embedded_dataset
+    from fractalgen.platform.worker import _lean_streaming_import
+
+    out = str(work / "tiny16")
+    build_embedded_dataset(out, size=16, images_per_class=8, num_classes=10)
+    _lean_streaming_import()
+    from streaming.base.format import reader_from_json
+
+    index = json.loads((Path(out) / "index.json").read_text())
+    keys = []
+    for shard in index["shards"]:
+        reader = reader_from_json(out, None, shard)
+        keys.extend(reader.get_item(i)["key"] for i in range(reader.samples))
+    if len(keys) != STEPS_PER_EPOCH * WORLD * MICRO or len(set(keys)) != len(keys):
+        raise RuntimeError(f"the tiny dataset should hold 80 distinct samples, it holds {len(keys)}")
+    return out, keys
+
+
+def _overrides(
+    *,
+    name: str,
+    data: str,
+    storage_path: Path,
+    steps: int,
+    every: int,
+    max_failures: int = 1,
+    tracking_uri: str | None = None,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    """A tiny run (module docstring): ``steps`` steps, a checkpoint every ``every``."""
+    epochs = max(1, math.ceil(steps / STEPS_PER_EPOCH))
+    out = [
+        f"name={name}",
+        "model.name=fractalmar_tiny16",
+        f"data.train_uri={data}",
+        "data.loader_workers=0",
+        f"train.global_batch_size={WORLD * MICRO}",
+        f"train.micro_batch_per_gpu={MICRO}",
+        f"train.epochs={epochs}",
+        "train.warmup_epochs=0",
+        "train.base_lr=0.5",
+        "train.precision=fp32",
+        "train.zero_stage=1",
+        f"train.max_steps={steps}",
+        "train.log_every_steps=1",
+        f"cluster.num_workers={WORLD}",
+        "cluster.cpus_per_worker=1",
+        f"cluster.max_failures={max_failures}",
+        f"checkpoint.storage_path={storage_path}",
+        f"checkpoint.every_steps={every}",
+        "checkpoint.keep_last=100",
+        "eval.num_images=2",
+        "eval.sample_iters=[2,1]",
+    ]
+    if tracking_uri is None:
+        out.append("mlflow.enabled=false")
+    else:
+        out += [f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=faults"]
+    return [*out, *extra]
+
+
+def _config(**kw: Any):  # -> TrainRunConfig
+    from fractalgen.config import TrainRunConfig, load
+
+    return load(TrainRunConfig, None, _overrides(**kw))
+
+
+def _recipe(path: Path, **kw: Any) -> Path:
+    """The tiny run as a YAML recipe, for ``fractalgen train --config``."""
+    from fractalgen.config import dumps
+
+    path.write_text(dumps(_config(**kw)))
+    return path
+
+
+def _wait(check: Callable[[], Any], timeout_s: float, what: str, *, stop: threading.Event | None = None,
+          poll_s: float = 0.02) -> Any:  # fmt: skip
+    """Poll ``check`` until it returns something truthy; ``TimeoutError`` naming ``what`` after
+    ``timeout_s``; ``Stop`` if ``stop`` is set first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if stop is not None and stop.is_set():
+            raise Stop(f"the run ended while waiting for {what}")
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
+        time.sleep(poll_s)
+
+
+@contextlib.contextmanager
+def _local_ray(num_cpus: int = 4) -> Iterator[None]:
+    import ray
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _train_worker_pids(raylet_pid: int) -> list[int]:
+    """Ray Train worker processes under one raylet (their process title names the actor)."""
+    import psutil
+
+    pids = []
+    try:
+        children = psutil.Process(raylet_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    for proc in children:
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()[:1]):
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
+    return sorted(pids)
+
+
+def _local_raylet_pid() -> int:
+    import ray._private.worker as ray_worker
+
+    return ray_worker._global_node.all_processes["raylet"][0].process.pid
+
+
+def _registered(run: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train has registered (its checkpoint_manager_snapshot.json)."""
+    for _ in range(5):
+        try:
+            text = (run / "checkpoint_manager_snapshot.json").read_text()
+            json.loads(text)
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError):
+            time.sleep(0.02)  # being rewritten
+            continue
+        return sorted({int(m) for m in re.findall(r"checkpoint_(\d{9})", text)})
+    return []
+
+
+def _folders(run: Path) -> list[int]:
+    try:
+        return sorted(int(p.name.split("_")[1]) for p in run.glob("checkpoint_*") if p.is_dir())
+    except OSError:
+        return []
+
+
+def _unregistered_folder(run: Path, after: int) -> int | None:
+    """The first checkpoint folder past step ``after`` that Ray has not registered yet, if any."""
+    registered = set(_registered(run))
+    fresh = [s for s in _folders(run) if s > after and s not in registered]
+    return fresh[0] if fresh else None
+
+
+# ---------------------------------------------------------------------------------------------
+# the sample audit
+
+
+class SampleLog:
+    """The ``FRACTALGEN_SAMPLE_LOG`` file: start lines ``{attempt, rank, start_step}`` and step lines
+    ``{attempt, rank, step, keys, time}``, appended by every rank of every attempt."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def records(self) -> list[dict[str, Any]]:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in text.splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a SIGKILL mid-write (never seen; the audit would miss a step)
+        return out
+
+    def starts(self) -> list[dict[str, Any]]:
+        return [r for r in self.records() if "start_step" in r]
+
+    def group_starts(self, attempt: int) -> list[dict[str, Any]] | None:
+        """The ``WORLD`` start lines of the worker group's ``attempt``-th start (0-based), once all there."""
+        starts = self.starts()
+        group = starts[attempt * WORLD : (attempt + 1) * WORLD]
+        return group if len(group) == WORLD else None
+
+    def steps_of(self, attempt_ids: set[str]) -> list[dict[str, Any]]:
+        return [r for r in self.records() if "step" in r and r["attempt"] in attempt_ids]
+
+    def max_step(self, attempt_ids: set[str]) -> int:
+        return max((r["step"] for r in self.steps_of(attempt_ids)), default=0)
+
+    def reached(self, attempt_ids: set[str], step: int) -> bool:
+        return self.max_step(attempt_ids) >= step
+
+
+@dataclass
+class Audit:
+    """The effective sample sequence of a run, after rolling back steps beyond each resume point."""
+
+    final_step: int = 0
+    repeated: int = 0  # samples seen twice within one epoch of the effective sequence
+    skipped: int = 0  # samples of a full epoch never seen in it (including those of missing steps)
+    missing_steps: int = 0  # (rank, step) pairs of the run absent from the effective sequence
+    rolled_back: int = 0  # (rank, step) pairs trained and then discarded by a resume
+    resumes: list[int] = field(default_factory=list)  # start steps of the worker-group attempts
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.repeated or self.skipped or self.missing_steps or self.problems)
+
+    def summary(self) -> str:
+        text = (
+            f"{self.final_step} steps, {self.repeated} repeated, {self.skipped} skipped "
+            f"({self.rolled_back} rank-steps rolled back over {len(self.resumes) - 1} resumes)"
+        )
+        return text + (f"; {'; '.join(self.problems[:3])}" if self.problems else "")
+
+
+def audit_samples(log: SampleLog, all_keys: list[str], final_step: int | None) -> Audit:
+    """Roll back and count (module docstring); ``final_step`` is where the run ended (None: a run
+    that failed, audited up to the last step every rank kept)."""
+    audit = Audit(final_step=final_step or 0)
+    effective: dict[int, dict[int, list[str]]] = {r: {} for r in range(WORLD)}
+    current: dict[int, tuple[str, int]] = {}
+    for rec in log.records():
+        rank = int(rec["rank"])
+        if "start_step" in rec:
+            start = int(rec["start_step"])
+            later = [s for s in effective[rank] if s > start]
+            audit.rolled_back += len(later)
+            for s in later:
+                del effective[rank][s]
+            gaps = [s for s in range(1, start + 1) if s not in effective[rank]]
+            if gaps:
+                audit.problems.append(
+                    f"rank {rank} resumed at step {start} but never trained steps {gaps[:5]}"
+                )
+            current[rank] = (rec["attempt"], start)
+            if rank == 0:
+                audit.resumes.append(start)
+            continue
+        attempt, start = current.get(rank, ("", 0))
+        step = int(rec["step"])
+        if rec["attempt"] != attempt:
+            audit.problems.append(f"rank {rank} step {step} from an attempt that never logged its start")
+        expected = max((s for s in effective[rank] if s > start), default=start) + 1
+        if step != expected:
+            audit.problems.append(f"rank {rank} went from step {expected - 1} to {step}")
+        if len(rec["keys"]) != MICRO:
+            audit.problems.append(
+                f"rank {rank} step {step} trained on {len(rec['keys'])} samples, not {MICRO}"
+            )
+        effective[rank][step] = list(rec["keys"])
+    if final_step is None:
+        final_step = min(max(effective[rank], default=0) for rank in range(WORLD))
+        audit.final_step = final_step
+    for rank in range(WORLD):
+        have = set(effective[rank])
+        audit.missing_steps += len(set(range(1, final_step + 1)) - have)
+        extra = sorted(have - set(range(1, final_step + 1)))
+        if extra:
+            audit.problems.append(f"rank {rank} has steps beyond the end of the run: {extra[:5]}")
+    universe = set(all_keys)
+    for epoch in range(math.ceil(final_step / STEPS_PER_EPOCH)):
+        steps = range(epoch * STEPS_PER_EPOCH + 1, min((epoch + 1) * STEPS_PER_EPOCH, final_step) + 1)
+        keys = [k for rank in range(WORLD) for s in steps for k in effective[rank].get(s, [])]
+        audit.repeated += len(keys) - len(set(keys))
+        foreign = set(keys) - universe
+        if foreign:
+            audit.problems.append(f"epoch {epoch + 1} holds unknown keys {sorted(foreign)[:3]}")
+        if len(steps) == STEPS_PER_EPOCH:
+            audit.skipped += len(universe - set(keys))
+    return audit
+
+
+def _seconds(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    return {"mean": round(statistics.fmean(values), 1), "max": round(max(values), 1), "n": len(values)}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. a Ray Train worker SIGKILLed
+
+
+@scenario("train_worker_sigkill", budget_s=900)
+def train_worker_sigkill(settings: Settings) -> Outcome:
+    """One run, a checkpoint every 2 steps; 10 (short: 2) SIGKILLs of a random worker, each at a
+    random step of the current attempt or while a checkpoint folder exists that Ray has not yet
+    registered. Each kill must resume at the latest registered checkpoint; over the whole run the
+    effective sample sequence must have no repeat and no gap."""
+    from fractalgen.platform.train import TrainError, run_training
+
+    name = "train_worker_sigkill"
+    outcome = Outcome(
+        fault="a Ray Train worker SIGKILLed at a random step",
+        injected="during a step, during a checkpoint write",
+        must_hold="resumes at the last checkpoint's step; samples counted by id: 0 repeated, 0 skipped over the run",
+    )
+    rng = settings.rng(name)
+    kills = 2 if settings.short else 10
+    modes = ["step", "checkpoint"] + [rng.choice(["step", "checkpoint"]) for _ in range(kills - 2)]
+    rng.shuffle(modes)
+    work = Path(settings.work_dir)
+    log = SampleLog(_environment(work))
+    data, keys = _dataset(work)
+    stop_step = (3 if settings.short else 8) * STEPS_PER_EPOCH
+    storage_path = work / "runs"
+    run = storage_path / "killed"
+    cfg = _config(name="killed", data=data, storage_path=storage_path, steps=stop_step, every=2,
+                  max_failures=kills + 1)  # fmt: skip
+
+    done = threading.Event()
+    records: list[dict[str, Any]] = []
+    errors: list[str] = []
+
+    def inject() -> None:
+        try:
+            for i, mode in enumerate(modes):
+                group = _wait(
+                    lambda i=i: log.group_starts(i), 300, f"worker group attempt {i + 1} to start", stop=done
+                )
+                ids = {g["attempt"] for g in group}
+                start = int(group[0]["start_step"])
+                if mode == "step":
+                    target = min(start + rng.randint(1, 4), stop_step - 2)
+                    _wait(functools.partial(log.reached, ids, target), 300, f"step {target}", stop=done)
+                    time.sleep(rng.uniform(0.0, 0.2))  # somewhere in the next step
+                    seen = None
+                else:
+                    seen = _wait(functools.partial(_unregistered_folder, run, start), 300, "a checkpoint folder Ray has not registered yet",
+                                 stop=done, poll_s=0.003)  # fmt: skip
+                before = _registered(run)
+                on_disk = _folders(run)
+                progress = log.max_step(ids)
+                pids = _train_worker_pids(_local_raylet_pid())
+                if len(pids) != WORLD:
+                    raise RuntimeError(f"found {len(pids)} Ray Train worker processes, expected {WORLD}")
+                victim = rng.choice(pids)
+                os.kill(victim, signal.SIGKILL)
+                t_kill = time.monotonic()
+                registered_after_kill = _registered(run)
+                new = _wait(
+                    lambda i=i: log.group_starts(i + 1),
+                    300,
+                    f"the worker group to restart after kill {i + 1}",
+                )
+                t_start = time.monotonic()
+                resumed_at = int(new[0]["start_step"])
+                at_resume = _registered(run)
+                new_ids = {g["attempt"] for g in new}
+                _wait(
+                    functools.partial(log.steps_of, new_ids),
+                    300,
+                    f"the first step after kill {i + 1}",
+                    stop=done,
+                )
+                records.append(
+                    {
+                        "mode": mode,
+                        "progress": progress,
+                        "folder_seen": seen,
+                        "registered_before": max(before, default=0),
+                        "newest_folder": max(on_disk, default=0),
+                        "write_registered_by_kill": seen is not None and seen in registered_after_kill,
+                        "resumed_at": resumed_at,
+                        "ranks_agree": len({g["start_step"] for g in new}) == 1,
+                        "latest_at_resume": max(at_resume, default=0),
+                        "restart_s": t_start - t_kill,
+                        "first_step_s": time.monotonic() - t_kill,
+                    }
+                )
+        except Stop as err:
+            errors.append(str(err))
+        except Exception as err:
+            errors.append(f"{type(err).__name__}: {err}")
+
+    t0 = time.monotonic()
+    with _local_ray():
+        thread = threading.Thread(target=inject, name="injector", daemon=True)
+        thread.start()
+        result: Any = None
+        try:
+            result = run_training(cfg)
+        except TrainError as err:
+            errors.append(f"the run failed: {str(err).splitlines()[0]}")
+        finally:
+            done.set()
+            thread.join(timeout=30)
+    final_step = result.step if result is not None else 0
+    audit = audit_samples(log, keys, final_step)
+    finished = result is not None and result.status == "finished" and final_step == stop_step
+    for n, rec in enumerate(records, 1):
+        resumed_right = (
+            rec["ranks_agree"]
+            and rec["resumed_at"] == rec["latest_at_resume"]
+            and rec["resumed_at"] >= rec["registered_before"]
+        )
+        where = (
+            f"step {rec['progress'] + 1} in progress"
+            if rec["mode"] == "step"
+            else f"checkpoint_{rec['folder_seen']} written, not registered"
+            + (" (registered meanwhile)" if rec["write_registered_by_kill"] else "")
+        )
+        detail = (
+            f"kill {n} ({where}): latest registered checkpoint {rec['registered_before']} (newest folder "
+            f"{rec['newest_folder']}) -> resumed at "
+            f"step {rec['resumed_at']} (latest at resume {rec['latest_at_resume']}), "
+            f"{rec['progress'] - rec['resumed_at']} steps redone, first step {rec['first_step_s']:.1f} s after the kill"
+        )
+        held = resumed_right and audit.clean and finished
+        if not finished:
+            detail += f"; the run did not finish ({final_step}/{stop_step} steps)"
+        if not audit.clean:
+            detail += f"; samples: {audit.summary()}"
+        outcome.record(held, detail)
+    for err in errors:
+        outcome.details.append(f"injector: {err}")
+    if len(records) < kills:
+        outcome.record(
+            False, f"only {len(records)} of {kills} kills injected ({'; '.join(errors) or 'no error'})"
+        )
+    outcome.figures = {
+        "kills": len(records),
+        "during_step": sum(r["mode"] == "step" for r in records),
+        "during_checkpoint_write": sum(r["mode"] == "checkpoint" for r in records),
+        "run_steps": final_step,
+        "samples_repeated": audit.repeated,
+        "samples_skipped": audit.skipped,
+        "rank_steps_rolled_back": audit.rolled_back,
+        "seconds_kill_to_restart": _seconds([r["restart_s"] for r in records]),
+        "seconds_kill_to_first_step": _seconds([r["first_step_s"] for r in records]),
+        "run_seconds": round(time.monotonic() - t0, 1),
+        "audit": audit.summary(),
+    }
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. a Ray node lost
+
+
+def _raylet_pid(node: Any) -> int:
+    return node.all_processes["raylet"][0].process.pid
+
+
+@contextlib.contextmanager
+def _cluster(head_cpus: int, worker_nodes: int = 0) -> Iterator[Any]:
+    """A ``ray.cluster_utils.Cluster`` on this machine (head with ``head_cpus`` CPUs, plus 1-CPU
+    worker nodes), this process connected to it; everything stopped afterwards."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": False}
+    )
+    try:
+        for _ in range(worker_nodes):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes(timeout=120)
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@scenario("train_node_loss", budget_s=900)
+def train_node_loss(settings: Settings) -> Outcome:
+    """Training on 1-CPU Ray nodes, one worker per node and one spare node. The node of a random
+    worker is removed at a random step (1 time short, 3 times full; a spare joins after each restart,
+    as an autoscaler would add one): the worker group must restart on the nodes left, at the latest
+    registered checkpoint, and train on. Then one more node is removed with no spare left: the run
+    must fail, within a bounded time, with a message that says what the worker group needs and what
+    the cluster has."""
+    from fractalgen.platform.train import TrainError, run_training
+
+    name = "train_node_loss"
+    outcome = Outcome(
+        fault="a Ray node lost (`ray.cluster_utils.Cluster`, `remove_node`)",
+        injected="mid-run",
+        must_hold="the worker group restarts on what is left and continues, or fails with a clear message when too little is left",
+    )
+    rng = settings.rng(name)
+    survivable = 1 if settings.short else 3
+    work = Path(settings.work_dir)
+    log = SampleLog(_environment(work))
+    data, keys = _dataset(work)
+    start_timeout_s = 10  # Ray Train's wait for a worker group's resources (default 60 s)
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(start_timeout_s)
+    max_failures = survivable + 1
+    # how long the run may take to give up once too little is left: each restart attempt waits
+    # start_timeout_s for resources, max_failures + 1 attempts, plus slack for a loaded machine
+    give_up_bound_s = (max_failures + 1) * (start_timeout_s + 10) + 60
+    storage_path = work / "runs"
+    run = storage_path / "nodes"
+    cfg = _config(name="nodes", data=data, storage_path=storage_path, steps=2000, every=2,
+                  max_failures=max_failures)  # fmt: skip
+    done = threading.Event()
+    records: list[dict[str, Any]] = []
+    errors: list[str] = []
+
+    with _cluster(head_cpus=0, worker_nodes=WORLD + 1) as cluster:
+
+        def inject() -> None:
+            try:
+                for i in range(survivable + 1):
+                    group = _wait(
+                        lambda i=i: log.group_starts(i), 300, f"worker group attempt {i + 1}", stop=done
+                    )
+                    ids = {g["attempt"] for g in group}
+                    target = int(group[0]["start_step"]) + rng.randint(2, 8)
+                    _wait(functools.partial(log.reached, ids, target), 300, f"step {target}", stop=done)
+                    hosts = sorted(
+                        (n for n in cluster.worker_nodes if _train_worker_pids(_raylet_pid(n))),
+                        key=_raylet_pid,
+                    )
+                    if len(hosts) != WORLD:
+                        raise RuntimeError(f"{len(hosts)} nodes host a training worker, expected {WORLD}")
+                    before, progress = _registered(run), log.max_step(ids)
+                    t_loss = time.monotonic()
+                    cluster.remove_node(rng.choice(hosts), allow_graceful=False)
+                    rec: dict[str, Any] = {
+                        "progress": progress,
+                        "registered_before": max(before, default=0),
+                        "nodes_left": len(cluster.worker_nodes),
+                        "last": i == survivable,
+                    }
+                    records.append(rec)
+                    if rec["last"]:
+                        if not done.wait(give_up_bound_s):
+                            rec["gave_up"] = False
+                            cluster.add_node(num_cpus=1)  # let the run end; the scenario has failed
+                        rec["end_s"] = time.monotonic() - t_loss
+                        return
+                    new = _wait(
+                        lambda i=i: log.group_starts(i + 1), 300, f"a restart after node loss {i + 1}"
+                    )
+                    resumed = int(new[0]["start_step"])
+                    new_ids = {g["attempt"] for g in new}
+                    _wait(
+                        functools.partial(log.reached, new_ids, resumed + 1),
+                        300,
+                        f"a step after node loss {i + 1}",
+                        stop=done,
+                    )
+                    rec.update(
+                        resumed_at=resumed,
+                        ranks_agree=len({g["start_step"] for g in new}) == 1,
+                        latest_at_resume=max(_registered(run), default=0),
+                        first_step_s=time.monotonic() - t_loss,
+                    )
+                    cluster.add_node(num_cpus=1)  # the spare for the next loss
+            except Stop as err:
+                errors.append(str(err))
+            except Exception as err:
+                errors.append(f"{type(err).__name__}: {err}")
+
+        t0 = time.monotonic()
+        thread = threading.Thread(target=inject, name="injector", daemon=True)
+        thread.start()
+        message = ""
+        try:
+            result = run_training(cfg)
+            message = f"the run finished at step {result.step}"
+        except TrainError as err:
+            message = str(err)
+        finally:
+            done.set()
+            thread.join(timeout=60)
+    audit = audit_samples(log, keys, None)
+    for n, rec in enumerate(records, 1):
+        if not rec["last"]:
+            held = (
+                rec.get("ranks_agree", False)
+                and rec.get("resumed_at") == rec.get("latest_at_resume")
+                and rec.get("resumed_at", -1) >= rec["registered_before"]
+                and audit.clean
+            )
+            detail = (
+                f"node loss {n} at step {rec['progress'] + 1} ({rec['nodes_left']} worker nodes left): "
+                + (
+                    f"restarted at step {rec['resumed_at']} (latest registered {rec['latest_at_resume']}), "
+                    f"trained on {rec['first_step_s']:.1f} s after the loss"
+                    if "resumed_at" in rec
+                    else "no restart"
+                )
+            )
+        else:
+            first = message.splitlines()[0] if message else "(no message)"
+            clear = f"{WORLD} workers" in message and "CPU" in message and "has" in message
+            held = rec.get("gave_up", True) and "end_s" in rec and clear and audit.clean
+            detail = (
+                f"node loss {n} at step {rec['progress'] + 1} ({rec['nodes_left']} worker node left, "
+                f"{WORLD} needed): "
+                + (
+                    f"failed after {rec['end_s']:.0f} s: {first[:300]}"
+                    if rec.get("gave_up", True) and "end_s" in rec
+                    else f"still waiting after {give_up_bound_s:.0f} s (a node was added back to end it)"
+                )
+            )
+            if not clear:
+                detail += " [the message does not say what the worker group needs and the cluster has]"
+        if not audit.clean:
+            detail += f"; samples: {audit.summary()}"
+        outcome.record(held, detail)
+    for err in errors:
+        outcome.details.append(f"injector: {err}")
+    if len(records) < survivable + 1:
+        outcome.record(False, f"only {len(records)} of {survivable + 1} node losses injected")
+    outcome.figures = {
+        "node_losses": len(records),
+        "seconds_loss_to_first_step": _seconds([r["first_step_s"] for r in records if "first_step_s" in r]),
+        "seconds_last_loss_to_failure": round(records[-1].get("end_s", float("nan")), 1) if records else None,
+        "samples_repeated": audit.repeated,
+        "samples_skipped": audit.skipped,
+        "audit": audit.summary(),
+        "run_seconds": round(time.monotonic() - t0, 1),
+    }
+    return outcome
