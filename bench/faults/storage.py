@@ -481,3 +481,79 @@ def s3_checkpoint(settings: Settings) -> Outcome:
         )
         outcome.figures["persistent_error_s"] = round(seconds, 1)
     return outcome
+
+
+# ---------------------------------------------------------------------------------- s3-streaming
+@scenario("s3-streaming", budget_s=600, in_short=False)
+def s3_streaming(settings: Settings) -> Outcome:
+    """Training reading ``s3://`` data (mosaicml-streaming's downloads): transient faults on shard
+    downloads must be retried and every epoch still see every image once; a persistent one must
+    fail the run with a clear error naming the shard, not end epochs early in silence."""
+    _quiet()
+    outcome = Outcome(
+        fault="S3 answers 500 / 503 / SlowDown / throttling, drops or cuts connections, stops and restarts",
+        injected="streaming shards (training reading s3:// data)",
+        must_hold="retried with backoff, every epoch sees every image once; past the retries a clear "
+        "error naming the shard, no half-published checkpoint",
+    )
+    rng = settings.rng("s3-streaming")
+    work = Path(settings.work_dir)
+    src = _source_images(work / "src", settings.seed)
+    with S3Fixture() as fx:
+        fx.apply_env()
+        bucket = fx.new_bucket("fault-stream")
+        proxy = fx.proxy
+        data = f"s3://{bucket}/tiny16"
+        _prepare(src, data, fx.moto_url)  # written past the proxy: only the reads get faults
+        parts = [f"part-{i:05d}" for i in range(PREPARE_CLASSES * PREPARE_PER_CLASS // PREPARE_PART)]
+        chosen = rng.sample(parts, 1 if settings.short else 3)
+        with _local_ray():
+            injections = {}
+            for part in chosen:
+                mode = rng.choice(TRANSIENT_MODES)
+                pattern = f"/tiny16/{part}/.*\\.mds$"
+                if mode == "stop":
+                    inj = proxy.inject(mode, match=matcher(pattern=pattern), down_s=rng.uniform(1.0, 4.0))
+                else:
+                    inj = proxy.inject(mode, match=matcher(("GET",), pattern), count=rng.randint(1, 3))
+                injections[part] = inj
+            storage_path = str(work / "runs")
+            overrides = _train_overrides("transient", data, storage_path, data_endpoint=fx.endpoint_url)
+            result, error = _train(overrides)
+            proxy.clear()
+            proxy.start()
+        problems, picked = _checkpoint_problems(f"{storage_path}/transient", None)
+        ledger = None
+        if result is not None and picked:
+            ledger = _ledger_problem(picked, None, PREPARE_CLASSES * PREPARE_PER_CLASS)
+        for part, inj in injections.items():
+            ok = error is None and not problems and ledger is None and bool(inj.hits) and _retried(proxy, inj)
+            outcome.record(
+                ok,
+                f"{part}: {_describe(inj, proxy)} -> "
+                + (error or "; ".join(problems) or ledger or "finished, every epoch saw every image once"),
+            )
+        # persistent: one shard's downloads keep failing, through the CLI
+        part = rng.choice(parts)
+        mode = rng.choice(("503", "slowdown", "reset"))
+        inj = proxy.inject(mode, match=matcher(("GET",), f"/tiny16/{part}/.*\\.mds$"))
+        recipe = _recipe(
+            work / "persistent.yaml",
+            _train_overrides("persistent", data, storage_path, data_endpoint=fx.endpoint_url),
+        )
+        code, text, seconds = _cli(
+            ["train", "--config", recipe], _env(fx, AWS_MAX_ATTEMPTS=PERSISTENT_ATTEMPTS)
+        )
+        proxy.clear()
+        line = _error_line(text)
+        problems, picked = _checkpoint_problems(f"{storage_path}/persistent", None)
+        clear = code == 1 and f"{data}/{part}/shard" in line
+        held = bool(inj.hits) and clear and not problems
+        outcome.record(
+            held,
+            f"{mode} on every download of {part}'s shard: exit {code} after {seconds:.0f} s; readers pick "
+            f"{(picked or 'none').rsplit('/', 1)[-1]}; {'; '.join(problems) or 'no half-published checkpoint'}; "
+            f"{line}",
+        )
+        outcome.figures["persistent_error_s"] = round(seconds, 1)
+    return outcome

@@ -586,7 +586,9 @@ def train_node_loss(settings: Settings) -> Outcome:
     give_up_bound_s = (max_failures + 1) * (start_timeout_s + 10) + 60
     storage_path = work / "runs"
     run = storage_path / "nodes"
-    cfg = _config(name="nodes", data=data, storage_path=storage_path, steps=2000, every=2,
+    # far more steps than the injections need (each at most 8 steps past a restart): the run
+    # must still be training when the last node goes
+    cfg = _config(name="nodes", data=data, storage_path=storage_path, steps=200, every=2,
                   max_failures=max_failures)  # fmt: skip
     done = threading.Event()
     records: list[dict[str, Any]] = []
@@ -648,18 +650,26 @@ def train_node_loss(settings: Settings) -> Outcome:
             except Exception as err:
                 errors.append(f"{type(err).__name__}: {err}")
 
+        ended: dict[str, str] = {}
+
+        def train() -> None:
+            try:
+                ended["message"] = f"the run finished at step {run_training(cfg).step}"
+            except TrainError as err:
+                ended["message"] = str(err)
+            except Exception as err:
+                ended["message"] = f"{type(err).__name__}: {err}"
+            finally:
+                done.set()
+
+        # nodes join and leave from the main thread (a Ray node installs signal handlers)
         t0 = time.monotonic()
-        thread = threading.Thread(target=inject, name="injector", daemon=True)
-        thread.start()
-        message = ""
-        try:
-            result = run_training(cfg)
-            message = f"the run finished at step {result.step}"
-        except TrainError as err:
-            message = str(err)
-        finally:
-            done.set()
-            thread.join(timeout=60)
+        trainer = threading.Thread(target=train, name="train", daemon=True)
+        trainer.start()
+        inject()
+        if not done.wait(600):
+            errors.append("the run did not end within 600 s of the last injection")
+        message = ended.get("message", "")
     audit = audit_samples(log, keys, None)
     for n, rec in enumerate(records, 1):
         if not rec["last"]:

@@ -254,7 +254,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--label-column", default="label", help="Parquet label column (default: label)")
     p.add_argument(
-        "--overwrite", action="store_true", help="delete what is at --out first instead of resuming"
+        "--overwrite",
+        action="store_true",
+        help="delete what is at --out instead of resuming (once the source is read and one of its images converts)",
     )
     p.add_argument("--endpoint-url", default=None, help=endpoint_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

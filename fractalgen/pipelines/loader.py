@@ -83,6 +83,43 @@ def _dataset_class():
             self.flip_seed = flip_seed
             self.return_keys = return_keys
 
+        # A shard download that fails after its retries (``storage.s3_max_attempts`` per request,
+        # streaming's ``download_retry`` per shard) fails in streaming's download thread, which then
+        # ends the epoch early *without an error*, and the next epoch raises "Background thread
+        # failed". The three methods below turn both into a DataError naming the shard.
+        def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+            try:
+                super().prepare_shard(shard_id, blocking)
+            except Exception as err:
+                raise self._shard_error(shard_id, err) from err
+
+        def on_exception(self, future: Any) -> None:
+            err = future.exception()
+            if err is not None and getattr(self, "_download_error", None) is None:
+                self._download_error = err
+            super().on_exception(future)
+
+        def __iter__(self) -> Iterator[Any]:
+            failed = getattr(self, "_download_error", None)
+            try:
+                yield from super().__iter__()
+            except RuntimeError as err:
+                raise (failed or err) if "Background thread failed" in str(err) else err from None
+            failed = getattr(self, "_download_error", None)
+            if failed is not None:  # streaming cut the epoch short: not a finished epoch
+                raise failed
+
+        def _shard_error(self, shard_id: int, err: BaseException) -> BaseException:
+            if isinstance(err, DataError):
+                return err
+            stream = self.streams[self.stream_per_shard[shard_id]]
+            info = self.shards[shard_id].zip_data or self.shards[shard_id].raw_data
+            where = os.path.join(stream.remote or stream.local, stream.split or "", info.basename)
+            return DataError(
+                f"cannot fetch shard {where} of the dataset: {storage.s3_error_reason(err)}; the "
+                "samples after it were not read (rerun or resume once the store answers)"
+            )
+
         def get_item(self, sample_id: int, retry: int = 7) -> Any:
             sample = super().get_item(sample_id, retry)
             image = sample["image"]

@@ -17,7 +17,8 @@ Resuming after an interruption (crash, kill, Ctrl-C) is running the same command
 are kept, partly written parts are deleted and converted again, so the result holds exactly the
 images an uninterrupted run would, each once. Corrupt or unreadable images are skipped, counted and
 listed with the reason; they never stop the run. A source where *no* image converts is an error
-(``DataError`` listing the first skipped items) and leaves nothing at ``out``. Keys that are not
+(``DataError`` listing the first skipped items) and leaves nothing at ``out``; with ``overwrite``,
+``out`` is deleted only once one image of the source has converted (``_first_image``). Keys that are not
 valid UTF-8 (file names in another encoding) are stored with the undecodable bytes escaped
 (``caf\\xe9.JPEG``) and listed as *renamed* in the summary.
 
@@ -58,7 +59,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fractalgen.pipelines import DataError, storage
-from fractalgen.pipelines.sources import Part, open_source
+from fractalgen.pipelines.sources import Part, Record, open_source
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def _init_worker(queue: Any, parent_pid: int) -> None:
     _progress_queue = queue
     # Ctrl-C is handled by the parent, which shuts the pool down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent_pid)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -170,8 +172,6 @@ def convert_part(task: PartTask, progress: Callable[[int], None] | None = None) 
     from PIL import Image
     from streaming import MDSWriter
 
-    from fractalgen.pipelines.crop import UnsupportedImage, decode_and_crop
-
     report = progress or _report
     name = part_name(task.index)
     os.makedirs(task.staging_root, exist_ok=True)
@@ -196,16 +196,9 @@ def convert_part(task: PartTask, progress: Callable[[int], None] | None = None) 
             key = safe_key(record.key)
             if key != record.key:
                 renamed.append({"key": key, "reason": "name is not valid UTF-8: undecodable bytes escaped"})
-            if record.error is not None:
-                skipped.append({"key": key, "reason": record.error})
-                continue
-            try:
-                arr = decode_and_crop(record.data, task.size)  # (size, size, 3) uint8
-            except UnsupportedImage as err:
-                skipped.append({"key": key, "reason": f"unsupported image: {err}"})
-                continue
-            except Exception as err:
-                skipped.append({"key": key, "reason": f"corrupt or unreadable image: {_clean_reason(err)}"})
+            arr, reason = _decode(record, task.size)
+            if arr is None:
+                skipped.append({"key": key, "reason": reason})
                 continue
             image = Image.fromarray(arr) if task.image_format == "png" else arr
             try:
@@ -241,6 +234,35 @@ def convert_part(task: PartTask, progress: Callable[[int], None] | None = None) 
         return marker
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _decode(record: Record, size: int) -> tuple[Any, str]:
+    """``(the (size, size, 3) uint8 crop, "")`` of a record, or ``(None, why it is skipped)``."""
+    from fractalgen.pipelines.crop import UnsupportedImage, decode_and_crop
+
+    if record.error is not None:
+        return None, record.error
+    try:
+        return decode_and_crop(record.data, size), ""
+    except UnsupportedImage as err:
+        return None, f"unsupported image: {err}"
+    except Exception as err:
+        return None, f"corrupt or unreadable image: {_clean_reason(err)}"
+
+
+def _first_image(src, size: int) -> list[dict[str, str]] | None:
+    """None as soon as one item of ``src`` converts; else every item's ``{key, reason}`` (none does).
+
+    ``--overwrite`` checks this before deleting ``out``, so a source of only bad files does not
+    cost the dataset there. One process, in source order: a usable source stops at its first image.
+    """
+    skipped = []
+    for record in src.part(0, len(src)).read():
+        arr, reason = _decode(record, size)
+        if arr is not None:
+            return None
+        skipped.append({"key": safe_key(record.key), "reason": reason})
+    return skipped
 
 
 def _check_run_token(out: str, token: str, endpoint: str | None, name: str) -> None:
@@ -293,17 +315,29 @@ class _RunLock:
         except ImportError:  # no flock (Windows): the run token alone guards publishing
             return self
         self.file = open(self.path, "a+")  # held until __exit__
+        try:
+            self._wait(fcntl)
+        except BaseException:  # refused, or Ctrl-C while waiting
+            self.file.close()
+            self.file = None
+            raise
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}, started {_now()}\n")
+        self.file.flush()
+        return self
+
+    def _wait(self, fcntl: Any) -> None:
         deadline = time.monotonic() + self.wait_s
         waiting = False
         while True:
             try:
                 fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                return
             except BlockingIOError:
                 self.file.seek(0)
                 holder = self.file.read().strip() or "unknown"
                 if time.monotonic() >= deadline:
-                    self.file.close()
                     raise DataError(
                         f"{self.out} is being written by another `fractalgen data prepare` ({holder}), or "
                         "by worker processes of one that was killed and have not ended yet; wait for it "
@@ -318,11 +352,6 @@ class _RunLock:
                     )
                     waiting = True
                 time.sleep(0.2)
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}, started {_now()}\n")
-        self.file.flush()
-        return self
 
     def __exit__(self, *exc: object) -> None:
         if self.file is not None:
@@ -369,14 +398,14 @@ def _discard(out: str, endpoint: str | None) -> None:
         os.makedirs(storage.local_path(out), exist_ok=True)
 
 
-def _no_images_error(source: str, out: str, summary: dict[str, Any]) -> DataError:
-    skipped = summary["skipped"]
+def _no_images_error(source: str, out: str, skipped: list[dict[str, str]], written: str) -> DataError:
     shown = "; ".join(f"{s['key']}: {s['reason']}" for s in skipped[:SHOWN_SKIPPED])
     more = f"; ... and {len(skipped) - SHOWN_SKIPPED} more" if len(skipped) > SHOWN_SKIPPED else ""
-    kinds = ", ".join(f"{n} {kind}" for kind, n in summary["skipped_reasons"].items())
+    kinds = Counter(_reason_kind(s["reason"]) for s in skipped)
     return DataError(
-        f"no image of {source} could be converted ({len(skipped)} of {summary['num_source_items']} "
-        f"items skipped: {kinds}); nothing was written to {out}. Skipped: {shown}{more}"
+        f"no image of {source} could be converted (all {len(skipped)} items skipped: "
+        f"{', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items()))}); {written}. "
+        f"Skipped: {shown}{more}"
     )
 
 
@@ -535,7 +564,10 @@ def prepare_dataset(
     if not overwrite:
         _check_output(out, plan, endpoint)
     with _RunLock(out, endpoint, LOCK_WAIT_S):
-        if overwrite:
+        if overwrite and storage.list_files(out, endpoint=endpoint):
+            bad = _first_image(src, size)
+            if bad is not None:
+                raise _no_images_error(source, out, bad, f"{out} was left as it was")
             storage.delete_tree(out, endpoint=endpoint)
             existing_plan = None
         else:  # again: another run may have changed `out` while this one waited for the lock
@@ -563,7 +595,7 @@ def prepare_dataset(
         )
         if summary["num_images"] == 0:
             _discard(out, endpoint)
-            raise _no_images_error(source, out, summary)
+            raise _no_images_error(source, out, summary["skipped"], f"nothing was written to {out}")
         summary.update(summary_extra or {})
         from fractalgen.pipelines.summary import write_summary
 

@@ -87,7 +87,8 @@ def _is_s3_library_error(err: BaseException) -> bool:
     return type(err).__module__.split(".", 1)[0] in ("botocore", "boto3", "s3transfer")
 
 
-def _s3_reason(err: BaseException) -> str:
+def s3_error_reason(err: BaseException) -> str:
+    """What an S3 client error says, on one line: the S3 error code and message, the attempts made."""
     response = getattr(err, "response", None) or {}
     retries = response.get("ResponseMetadata", {}).get("RetryAttempts")
     tries = f" after {int(retries) + 1} attempts" if isinstance(retries, int) and retries > 0 else ""
@@ -112,7 +113,7 @@ def _s3_errors(action: str, uri: str, endpoint: str | None) -> Iterator[None]:
             raise
         where = endpoint_url(endpoint) or "AWS"
         raise StorageError(
-            f"cannot {action} {uri}: {_s3_reason(err)} (S3 endpoint {where}; each request is tried "
+            f"cannot {action} {uri}: {s3_error_reason(err)} (S3 endpoint {where}; each request is tried "
             f"{s3_max_attempts()} times with backoff, {MAX_ATTEMPTS_ENV} sets how many)"
         ) from err
 

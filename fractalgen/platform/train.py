@@ -327,6 +327,19 @@ def build_trainer(plan: WorkerPlan) -> Any:
     )
 
 
+def root_cause(error: BaseException) -> str:
+    """The last ``SomeError: message`` line of an error's text: for Ray's errors, which quote the
+    workers' tracebacks, the worker's own exception (a storage error names the file it was writing)."""
+    import re
+
+    for line in reversed(str(error).splitlines()):
+        line = line.strip()
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*: \S", line):
+            return line
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
 def run_training(cfg: TrainRunConfig, *, plan: WorkerPlan | None = None) -> TrainOutcome:
     """Check, plan and run ``cfg`` on Ray; returns the outcome or raises ``PlanError`` / ``TrainError``."""
     from fractalgen.pipelines import storage
@@ -362,8 +375,9 @@ def run_training(cfg: TrainRunConfig, *, plan: WorkerPlan | None = None) -> Trai
         )
     if error is not None:
         raise TrainError(
-            f"training failed: {type(error).__name__}: {error}\nthe run folder {plan.run_uri} keeps the last "
-            "checkpoint: launch again with the same name to resume"
+            f"training failed: {type(error).__name__}: {error}\n\ntraining failed: {root_cause(error)}\n"
+            f"the run folder {plan.run_uri} keeps the last complete checkpoint: launch again with the same "
+            "name to resume"
         ) from error
     if outcome.status == "nonfinite_loss":
         raise TrainError(

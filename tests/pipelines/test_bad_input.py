@@ -167,10 +167,24 @@ def test_source_of_only_bad_files_is_an_error_and_writes_nothing(
     out.mkdir()  # an empty folder made for it stays, empty
     assert main(_prepare_args(src, out, "--workers", "1", "--part-size", "5")) == 2
     err = capsys.readouterr().err
-    assert "no image" in err and str(src) in err and "12 of 12 items skipped" in err
-    assert f"{WNIDS[0]}/broken_00.JPEG" in err and "corrupt or unreadable image" in err
+    assert (
+        "no image" in err
+        and str(src) in err
+        and "all 12 items skipped: 12 corrupt or unreadable image" in err
+    )
+    assert f"{WNIDS[0]}/broken_00.JPEG: corrupt or unreadable image" in err
     assert "and 2 more" in err  # the first 10 named
     assert list(out.iterdir()) == []
+
+    # --overwrite of a good dataset with that source: refused before anything is deleted
+    make_folder_source(tmp_path / "good", np.random.default_rng(20), per_class=1, val=1)
+    assert main(_prepare_args(tmp_path / "good", out, "--workers", "1")) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(_prepare_args(src, out, "--workers", "1", "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert "no image" in err and f"{out} was left as it was" in err and "broken_11.JPEG" not in err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_bad_mixed_source_converts_the_rest(tmp_path: Path) -> None:
