@@ -144,17 +144,45 @@ def _describe(inj: Injection, proxy: FaultProxy) -> str:
 
 
 def _cli(args: list[str], env: dict[str, str], timeout_s: float = CLI_TIMEOUT_S) -> tuple[int, str, float]:
-    """Run ``fractalgen ARGS`` in a fresh process; (exit code, stderr + stdout tail, seconds)."""
+    """Run ``fractalgen ARGS`` in a new session; (exit code, output tail, seconds). Past
+    ``timeout_s`` the whole session (the command and the Ray processes it started) is killed and
+    the exit code is -1."""
+    import tempfile
+
     cmd = [sys.executable, "-m", "fractalgen", *args]
     start = time.monotonic()
-    try:
-        proc = subprocess.run(
-            cmd, env=env, capture_output=True, text=True, timeout=timeout_s, start_new_session=True
-        )
-    except subprocess.TimeoutExpired as err:
-        out = (err.stderr or "") if isinstance(err.stderr, str) else ""
-        return -1, f"did not exit within {timeout_s:.0f} s: {out[-2000:]}", time.monotonic() - start
-    return proc.returncode, proc.stdout[-2000:] + "\n" + proc.stderr[-12000:], time.monotonic() - start
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout_s)
+            timed_out = ""
+        except subprocess.TimeoutExpired:
+            code, timed_out = -1, f"did not exit within {timeout_s:.0f} s\n"
+        _kill_session(proc)
+        seconds = time.monotonic() - start
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    return code, timed_out + stdout[-2000:] + "\n" + stderr[-12000:], seconds
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """End what is left of the session ``proc`` leads (SIGTERM, then SIGKILL after 10 s)."""
+    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                proc.poll()
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
 
 
 def _error_line(text: str, width: int = 700) -> str:

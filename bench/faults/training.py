@@ -13,18 +13,18 @@ checks the *effective* sequence: every step of the run present once, and each ep
 the 80 samples exactly once.
 
 Scenarios (names as ``python -m bench.faults --only NAME`` takes them):
-- ``train_worker_sigkill``: SIGKILL a Ray Train worker at a random step or while a checkpoint is
+- ``train-worker-sigkill``: SIGKILL a Ray Train worker at a random step or while a checkpoint is
   being written (its folder exists, Ray has not registered it); 10 kills in one run (2 short).
-- ``train_node_loss``: a ``ray.cluster_utils.Cluster`` of 1-CPU nodes; the node of a training
+- ``train-node-loss``: a ``ray.cluster_utils.Cluster`` of 1-CPU nodes; the node of a training
   worker removed mid-run (a spare node joins afterwards, as an autoscaler would add one), then a
   last removal that leaves too little for the worker group.
-- ``train_driver_killed``: ``fractalgen train`` (a subprocess joined to a standing Ray cluster, as
+- ``train-driver-killed``: ``fractalgen train`` (a subprocess joined to a standing Ray cluster, as
   under ``ray job submit``) SIGKILLed mid-run, then the same command again.
-- ``train_mlflow_outage``: the ``mlflow server`` SIGKILLed mid-run and restarted on the same port and
+- ``train-mlflow-outage``: the ``mlflow server`` SIGKILLed mid-run and restarted on the same port and
   store a few seconds later; every metric point counted on the server afterwards.
-- ``train_checkpoint_damaged``: a shard of the latest checkpoint truncated or deleted, then the same
+- ``train-checkpoint-damaged``: a shard of the latest checkpoint truncated or deleted, then the same
   ``fractalgen train`` command relaunched.
-- ``train_nonfinite_loss``: a run resumed at a random step with an absurd learning rate (the
+- ``train-nonfinite-loss``: a run resumed at a random step with an absurd learning rate (the
   injection of tests/platform/test_train.py), so its loss turns NaN/inf a step or two later.
 """
 
@@ -38,6 +38,8 @@ import os
 import re
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -375,7 +377,7 @@ def _seconds(values: list[float]) -> dict[str, float]:
 # 1. a Ray Train worker SIGKILLed
 
 
-@scenario("train_worker_sigkill", budget_s=900)
+@scenario("train-worker-sigkill", budget_s=900)
 def train_worker_sigkill(settings: Settings) -> Outcome:
     """One run, a checkpoint every 2 steps; 10 (short: 2) SIGKILLs of a random worker, each at a
     random step of the current attempt or while a checkpoint folder exists that Ray has not yet
@@ -383,7 +385,7 @@ def train_worker_sigkill(settings: Settings) -> Outcome:
     effective sample sequence must have no repeat and no gap."""
     from fractalgen.platform.train import TrainError, run_training
 
-    name = "train_worker_sigkill"
+    name = "train-worker-sigkill"
     outcome = Outcome(
         fault="a Ray Train worker SIGKILLed at a random step",
         injected="during a step, during a checkpoint write",
@@ -557,17 +559,17 @@ def _cluster(head_cpus: int, worker_nodes: int = 0) -> Iterator[Any]:
         cluster.shutdown()
 
 
-@scenario("train_node_loss", budget_s=900)
+@scenario("train-node-loss", budget_s=900)
 def train_node_loss(settings: Settings) -> Outcome:
     """Training on 1-CPU Ray nodes, one worker per node and one spare node. The node of a random
-    worker is removed at a random step (1 time short, 3 times full; a spare joins after each restart,
-    as an autoscaler would add one): the worker group must restart on the nodes left, at the latest
-    registered checkpoint, and train on. Then one more node is removed with no spare left: the run
+    worker is removed at a random step (1 time short, 3 times full; a spare joins after each restart
+    but the last, as an autoscaler would add one): the worker group must restart on the nodes left,
+    at the latest registered checkpoint, and train on. Then one more node is removed with no spare left: the run
     must fail, within a bounded time, with a message that says what the worker group needs and what
     the cluster has."""
     from fractalgen.platform.train import TrainError, run_training
 
-    name = "train_node_loss"
+    name = "train-node-loss"
     outcome = Outcome(
         fault="a Ray node lost (`ray.cluster_utils.Cluster`, `remove_node`)",
         injected="mid-run",
@@ -578,7 +580,7 @@ def train_node_loss(settings: Settings) -> Outcome:
     work = Path(settings.work_dir)
     log = SampleLog(_environment(work))
     data, keys = _dataset(work)
-    start_timeout_s = 10  # Ray Train's wait for a worker group's resources (default 60 s)
+    start_timeout_s = 5 if settings.short else 10  # Ray Train's wait for a worker group's resources (60 s)
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(start_timeout_s)
     max_failures = survivable + 1
     # how long the run may take to give up once too little is left: each restart attempt waits
@@ -644,7 +646,8 @@ def train_node_loss(settings: Settings) -> Outcome:
                         latest_at_resume=max(_registered(run), default=0),
                         first_step_s=time.monotonic() - t_loss,
                     )
-                    cluster.add_node(num_cpus=1)  # the spare for the next loss
+                    if i < survivable - 1:
+                        cluster.add_node(num_cpus=1)  # the spare for the next survivable loss
             except Stop as err:
                 errors.append(str(err))
             except Exception as err:
@@ -717,6 +720,539 @@ def train_node_loss(settings: Settings) -> Outcome:
         "samples_repeated": audit.repeated,
         "samples_skipped": audit.skipped,
         "audit": audit.summary(),
+        "run_seconds": round(time.monotonic() - t0, 1),
+    }
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. the driver killed, then the same command again
+
+
+def _launch(cmd: list[str], env: dict[str, str], out: Path, cwd: Path) -> subprocess.Popen:
+    """``fractalgen train`` as its own process group (the driver of a ``ray job submit``)."""
+    with open(out, "ab") as f:
+        return subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def _alive_or_raise(proc: subprocess.Popen, log_file: Path) -> bool:
+    if proc.poll() is not None:
+        tail = log_file.read_text(errors="replace")[-1500:]
+        raise RuntimeError(f"fractalgen train exited with {proc.returncode} early:\n{tail}")
+    return False
+
+
+def _mlflow_runs(tracking_uri: str, run_name: str, experiment: str = "faults") -> list[Any]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`fractalgen.run_name` = '{run_name}'")
+
+
+def _metric_steps(tracking_uri: str, run_id: str, key: str) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    return [m.step for m in MlflowClient(tracking_uri).get_metric_history(run_id, key)]
+
+
+def _train_cmd(recipe: Path, *sets: str) -> list[str]:
+    cmd = [sys.executable, "-m", "fractalgen", "train", "--config", str(recipe)]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd
+
+
+@scenario("train-driver-killed", budget_s=900, in_short=False)
+def train_driver_killed(settings: Settings) -> Outcome:
+    """``fractalgen train`` joined to a standing Ray cluster (``RAY_ADDRESS``, as ``ray job submit``
+    runs it) is SIGKILLed with its process group at a random step, then the same command is run
+    again; 1 kill short, 3 full. Each relaunch must resume at the latest checkpoint Ray registered
+    before the kill and log into the same MLflow run; the last one finishes, and the effective
+    sample sequence of the whole run has no repeat and no gap."""
+    name = "train-driver-killed"
+    outcome = Outcome(
+        fault="the driver killed, then the same launch again (`fractalgen train` / `ray job submit` equivalent)",
+        injected="mid-run",
+        must_hold="continues in the same MLflow run from the latest checkpoint",
+    )
+    rng = settings.rng(name)
+    kills = 1 if settings.short else 3
+    work = Path(settings.work_dir)
+    log = SampleLog(_environment(work))
+    data, keys = _dataset(work)
+    storage_path = work / "runs"
+    run = storage_path / "driver"
+    tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
+    stop_step = 80
+    recipe = _recipe(work / "recipe.yaml", name="driver", data=data, storage_path=storage_path, steps=stop_step,
+                     every=2, tracking_uri=tracking_uri)  # fmt: skip
+    cmd = _train_cmd(recipe)
+    records: list[dict[str, Any]] = []
+    errors: list[str] = []
+    final_rc: int | None = None
+    t0 = time.monotonic()
+    with _cluster(head_cpus=WORLD + 2) as cluster:
+        env = dict(os.environ, RAY_ADDRESS=cluster.address)
+        try:
+            for launch in range(kills + 1):
+                out = work / f"launch{launch}.log"
+                t_launch = time.monotonic()
+                proc = _launch(cmd, env, out, work)
+                group = _wait(
+                    lambda launch=launch, proc=proc, out=out: (
+                        log.group_starts(launch) or _alive_or_raise(proc, out)
+                    ),
+                    300,
+                    f"launch {launch + 1}'s worker group to start",
+                )
+                if records:
+                    records[-1]["resumed_at"] = int(group[0]["start_step"])
+                    records[-1]["ranks_agree"] = len({g["start_step"] for g in group}) == 1
+                    records[-1]["relaunch_s"] = time.monotonic() - t_launch
+                if launch == kills:
+                    final_rc = proc.wait(timeout=600)
+                    break
+                ids = {g["attempt"] for g in group}
+                target = min(int(group[0]["start_step"]) + rng.randint(1, 8), stop_step - 4)
+                _wait(functools.partial(log.reached, ids, target), 300, f"step {target}")
+                time.sleep(rng.uniform(0.0, 0.3))
+                progress = log.max_step(ids)
+                _kill_group(proc)
+                # the controller and the workers belong to the killed driver's job: Ray ends them,
+                # after which the registered checkpoints can no longer change
+                pids = functools.partial(_train_worker_pids, _raylet_pid(cluster.head_node))
+                _wait(lambda pids=pids: not pids(), 120, "the killed job's training workers to exit")
+                records.append(
+                    {
+                        "progress": log.max_step(ids),
+                        "killed_at": progress,
+                        "latest": max(_registered(run), default=0),
+                    }
+                )
+        except Exception as err:
+            errors.append(f"{type(err).__name__}: {err}")
+            with contextlib.suppress(Exception):
+                _kill_group(proc)
+    runs = _mlflow_runs(tracking_uri, "driver")
+    run_ids = [r.info.run_id for r in runs]
+    steps = _metric_steps(tracking_uri, run_ids[0], "loss") if len(run_ids) == 1 else []
+    final_text = (
+        (work / f"launch{kills}.log").read_text(errors="replace")
+        if (work / f"launch{kills}.log").exists()
+        else ""
+    )
+    same_run = len(run_ids) == 1 and f"run {run_ids[0]}" in final_text
+    finished = final_rc == 0 and len(runs) == 1 and runs[0].info.status == "FINISHED"
+    audit = audit_samples(log, keys, stop_step if finished else None)
+    for n, rec in enumerate(records, 1):
+        resumed = rec.get("resumed_at")
+        logged_after = resumed is not None and any(s > resumed for s in steps)
+        held = (
+            resumed is not None
+            and rec.get("ranks_agree", False)
+            and resumed == rec["latest"]
+            and same_run
+            and logged_after
+            and finished
+            and audit.clean
+        )
+        detail = (
+            f"kill {n} at step {rec['killed_at'] + 1}: latest registered checkpoint {rec['latest']}; the same "
+            f"command resumed at step {resumed} "
+            + (f"({rec['relaunch_s']:.0f} s from launch to its worker group)" if "relaunch_s" in rec else "")
+            + f"; MLflow runs named 'driver': {len(run_ids)}"
+            + ("" if same_run else " [the last launch did not report that run]")
+            + ("" if logged_after else " [no metric after the resume in that run]")
+        )
+        if not finished:
+            detail += f"; the last launch ended with exit {final_rc}"
+        if not audit.clean:
+            detail += f"; samples: {audit.summary()}"
+        outcome.record(held, detail)
+    for err in errors:
+        outcome.details.append(f"injector: {err}")
+    if len(records) < kills:
+        outcome.record(False, f"only {len(records)} of {kills} driver kills injected")
+    outcome.figures = {
+        "driver_kills": len(records),
+        "mlflow_runs": len(run_ids),
+        "loss_points_in_run": len(steps),
+        "distinct_loss_steps": len(set(steps)),
+        "seconds_relaunch_to_worker_group": _seconds([r["relaunch_s"] for r in records if "relaunch_s" in r]),
+        "steps_redone": sum(r["progress"] - r.get("resumed_at", r["progress"]) for r in records),
+        "samples_repeated": audit.repeated,
+        "samples_skipped": audit.skipped,
+        "audit": audit.summary(),
+        "run_seconds": round(time.monotonic() - t0, 1),
+    }
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. the MLflow server killed and restarted
+
+METRIC_KEYS = ("loss", "bpd", "lr", "epoch", "images_per_s")  # logged at every log point, always finite
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 with a SQLite store in ``root``; kill and start it again on
+    the same port and store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log = root / "mlflow-server.log"
+
+    def start(self, timeout_s: float = MLFLOW_START_TIMEOUT_S) -> float:
+        """Start it and wait for ``/health``; returns the seconds it took."""
+        t = time.monotonic()
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        env.pop("MLFLOW_TRACKING_URI", None)
+        cmd = [
+            sys.executable, "-m", "mlflow", "server",
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination", str(self.root / "artifacts"),
+        ]  # fmt: skip
+        self.proc = _launch(cmd, env, self.log, self.root)
+        _wait(
+            functools.partial(self._healthy),
+            timeout_s,
+            f"the MLflow server at {self.uri} to answer",
+            poll_s=0.25,
+        )
+        return time.monotonic() - t
+
+    def _healthy(self) -> bool:
+        import urllib.request
+
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(
+                f"mlflow server exited with {self.proc.returncode}: {self.log.read_text()[-1500:]}"
+            )
+        try:
+            with urllib.request.urlopen(self.uri + "/health", timeout=2.0) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            _kill_group(self.proc)
+            self.proc = None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@scenario("train-mlflow-outage", budget_s=900, in_short=False)
+def train_mlflow_outage(settings: Settings) -> Outcome:
+    """A run logging every step to a real ``mlflow server``; the server is SIGKILLed at a random
+    step and started again on the same port and store after a random pause (1 outage short, 3 full).
+    Training must go on meanwhile and finish, and every metric point logged during an outage must be
+    on the server afterwards (counted per key and step)."""
+    from fractalgen.platform.train import TrainError, run_training
+
+    name = "train-mlflow-outage"
+    outcome = Outcome(
+        fault="the MLflow server killed and restarted",
+        injected="mid-run",
+        must_hold="training goes on; every metric point logged meanwhile reaches the server (count them)",
+    )
+    rng = settings.rng(name)
+    outages = 1 if settings.short else 3
+    work = Path(settings.work_dir)
+    log = SampleLog(_environment(work))
+    data, _keys = _dataset(work)
+    server = MlflowServer(work)
+    stop_step = 500 if settings.short else 1500
+    done = threading.Event()
+    windows: list[dict[str, Any]] = []
+    errors: list[str] = []
+    t0 = time.monotonic()
+    first_start_s = server.start()
+    try:
+        cfg = _config(name="outage", data=data, storage_path=work / "runs", steps=stop_step, every=100,
+                      tracking_uri=server.uri)  # fmt: skip
+
+        def inject() -> None:
+            try:
+                group = _wait(
+                    functools.partial(log.group_starts, 0), 300, "the worker group to start", stop=done
+                )
+                ids = {g["attempt"] for g in group}
+                for i in range(outages):
+                    target = log.max_step(ids) + rng.randint(10, 60)
+                    _wait(functools.partial(log.reached, ids, target), 300, f"step {target}", stop=done)
+                    t_down = time.time()
+                    server.kill()
+                    time.sleep(rng.uniform(1.0, 5.0))
+                    if done.is_set():
+                        raise Stop(f"the run ended during outage {i + 1}")
+                    restart_s = server.start()
+                    windows.append({"down": t_down, "up": time.time(), "restart_s": restart_s})
+            except Stop as err:
+                errors.append(str(err))
+            except Exception as err:
+                errors.append(f"{type(err).__name__}: {err}")
+            finally:
+                if server.proc is None:  # the run must be able to deliver what it kept
+                    try:
+                        server.start()
+                    except Exception as err:
+                        errors.append(f"the MLflow server did not start again: {err}")
+
+        thread = threading.Thread(target=inject, name="injector", daemon=True)
+        thread.start()
+        result: Any = None
+        try:
+            result = run_training(cfg)
+        except TrainError as err:
+            errors.append(f"the run failed: {str(err).splitlines()[0]}")
+        finally:
+            done.set()
+            thread.join(timeout=MLFLOW_START_TIMEOUT_S + 30)
+        finished = result is not None and result.status == "finished" and result.step == stop_step
+        run_id = result.mlflow_run_id if result is not None else None
+        on_server: dict[str, list[int]] = {}
+        if run_id:
+            on_server = {k: _metric_steps(server.uri, run_id, k) for k in METRIC_KEYS}
+    finally:
+        server.kill()
+    step_times = {r["step"]: r["time"] for r in log.records() if "step" in r and r["rank"] == 0}
+    for n, w in enumerate(windows, 1):
+        logged = sorted(s for s, t in step_times.items() if w["down"] <= t <= w["up"])
+        expected = len(logged) * len(METRIC_KEYS)
+        reached = sum(1 for k in METRIC_KEYS for s in logged if s in set(on_server.get(k, [])))
+        held = finished and len(logged) > 0 and reached == expected
+        outcome.record(
+            held,
+            f"outage {n}: server down {w['up'] - w['down']:.1f} s (restart took {w['restart_s']:.1f} s), "
+            f"{len(logged)} steps trained meanwhile (steps {logged[0] if logged else '-'}-{logged[-1] if logged else '-'}), "
+            f"{reached}/{expected} of their metric points on the server"
+            + (
+                ""
+                if finished
+                else f"; the run did not finish ({result.step if result else 0}/{stop_step} steps)"
+            ),
+        )
+    for err in errors:
+        outcome.details.append(f"injector: {err}")
+    if len(windows) < outages:
+        outcome.record(False, f"only {len(windows)} of {outages} outages injected")
+    points = sum(len(v) for v in on_server.values())
+    distinct = sum(len(set(v)) for v in on_server.values())
+    outcome.figures = {
+        "outages": len(windows),
+        "seconds_down": _seconds([w["up"] - w["down"] for w in windows]),
+        "seconds_server_start": round(first_start_s, 1),
+        "steps_during_outages": sum(
+            1 for w in windows for t in step_times.values() if w["down"] <= t <= w["up"]
+        ),
+        "metric_points_expected": stop_step * len(METRIC_KEYS),
+        "metric_points_on_server": points,
+        "metric_points_duplicated": points - distinct,
+        "metric_points_missing": stop_step * len(METRIC_KEYS) - distinct,
+        "run_seconds": round(time.monotonic() - t0, 1),
+    }
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. a checkpoint shard truncated or deleted before a resume
+
+
+@scenario("train-checkpoint-damaged", budget_s=900)
+def train_checkpoint_damaged(settings: Settings) -> Outcome:
+    """A run trained to step 6 (a checkpoint every 2 steps); then, each time, one DeepSpeed shard of
+    its latest checkpoint is truncated to a random fraction or deleted, and the same ``fractalgen
+    train`` command is run again with 4 more steps (1 time short, 3 full). The relaunch must resume
+    from the previous, complete checkpoint and say which file was damaged, or fail with a message
+    naming that file."""
+    name = "train-checkpoint-damaged"
+    outcome = Outcome(
+        fault="a checkpoint shard truncated or deleted",
+        injected="before resume",
+        must_hold="the previous complete checkpoint is used, or a message names the file",
+    )
+    rng = settings.rng(name)
+    injections = 1 if settings.short else 3
+    work = Path(settings.work_dir)
+    log = SampleLog(_environment(work))
+    data, keys = _dataset(work)
+    storage_path = work / "runs"
+    run = storage_path / "damaged"
+    recipe = _recipe(
+        work / "recipe.yaml", name="damaged", data=data, storage_path=storage_path, steps=6, every=2
+    )
+    errors: list[str] = []
+    steps = 6
+    t0 = time.monotonic()
+    resume_s: list[float] = []
+    with _cluster(head_cpus=WORLD + 2) as cluster:
+        env = dict(os.environ, RAY_ADDRESS=cluster.address)
+        first = _launch(_train_cmd(recipe, f"train.max_steps={steps}"), env, work / "launch0.log", work)
+        if first.wait(timeout=600) != 0:
+            errors.append(f"the first launch failed: {(work / 'launch0.log').read_text()[-1500:]}")
+        for i in range(injections if not errors else 0):
+            folders = _folders(run)
+            latest, previous = folders[-1], folders[-2]
+            ckpt = run / f"checkpoint_{latest:09d}"
+            shards = sorted(p for p in (ckpt / "deepspeed").rglob("*") if p.is_file() and p.name != "latest")
+            target = rng.choice(shards)
+            size = target.stat().st_size
+            if rng.random() < 0.5:
+                keep = int(size * rng.uniform(0.05, 0.95))
+                os.truncate(target, keep)
+                what = f"{target.relative_to(run)} truncated to {keep} of {size} bytes"
+            else:
+                target.unlink()
+                what = f"{target.relative_to(run)} deleted"
+            steps += 4
+            starts_before = len(log.starts())
+            out = work / f"launch{i + 1}.log"
+            t_launch = time.monotonic()
+            proc = _launch(_train_cmd(recipe, f"train.max_steps={steps}"), env, out, work)
+            try:
+                rc = proc.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                rc = None
+            text = out.read_text(errors="replace")
+            new = log.starts()[starts_before : starts_before + WORLD]
+            resumed = int(new[0]["start_step"]) if len(new) == WORLD else None
+            if resumed is not None:
+                resume_s.append(time.monotonic() - t_launch)
+            named = target.name in text and ckpt.name in text
+            if rc == 0:
+                held = resumed == previous and named and all(g["start_step"] == previous for g in new)
+                how = f"resumed at step {resumed} (previous checkpoint {previous}), finished at {steps}"
+            else:
+                held = named
+                how = f"exit {rc}"
+            outcome.record(
+                held,
+                f"{what}; relaunch: {how}; "
+                + ("the output names the file" if named else "[the output does not name the file]"),
+            )
+            if rc != 0:
+                break  # the run cannot go on from here
+    for err in errors:
+        outcome.details.append(f"injector: {err}")
+    if outcome.injections < injections:
+        outcome.record(False, f"only {outcome.injections} of {injections} damaged checkpoints injected")
+    audit = audit_samples(log, keys, steps if outcome.ok else None)
+    if not audit.clean:
+        outcome.details.append(f"samples: {audit.summary()}")
+    outcome.figures = {
+        "damaged": outcome.injections,
+        "seconds_relaunch_to_worker_group": _seconds(resume_s),
+        "samples_repeated": audit.repeated,
+        "samples_skipped": audit.skipped,
+        "run_seconds": round(time.monotonic() - t0, 1),
+    }
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. a NaN / inf loss
+
+
+@scenario("train-nonfinite-loss", budget_s=600, in_short=False)
+def train_nonfinite_loss(settings: Settings) -> Outcome:
+    """A run trained to a random step k (checkpoints every 1-3 steps), then relaunched with 6 more
+    steps and ``train.base_lr=1e35``, which makes the loss non-finite a step or two later (1 time
+    short, 3 full, each a new run). The run must stop with an error that names the last good
+    checkpoint (the latest whose steps all had finite losses); that checkpoint is kept, its losses
+    are finite, and no checkpoint was written after the blow-up."""
+    from fractalgen.platform.train import TrainError, run_training
+
+    name = "train-nonfinite-loss"
+    outcome = Outcome(
+        fault="NaN / inf loss at a random step",
+        injected="a random step",
+        must_hold="stops; the last good checkpoint is kept and named",
+    )
+    rng = settings.rng(name)
+    injections = 1 if settings.short else 3
+    work = Path(settings.work_dir)
+    _environment(work)
+    data, _keys = _dataset(work)
+    storage_path = work / "runs"
+    t0 = time.monotonic()
+    stops: list[float] = []
+    with _local_ray():
+        for i in range(injections):
+            k, every = rng.randint(2, 9), rng.choice([1, 2, 3])
+            run = storage_path / f"nan{i}"
+            common = {"name": f"nan{i}", "data": data, "storage_path": storage_path, "every": every}
+            first = run_training(_config(steps=k, **common))
+            if first.status != "finished" or first.step != k:
+                outcome.record(
+                    False, f"run nan{i}: the run before the injection ended {first.status} at {first.step}"
+                )
+                continue
+            message = None
+            t = time.monotonic()
+            try:
+                run_training(_config(steps=k + 6, extra=("train.base_lr=1.0e+35",), **common))
+            except TrainError as err:
+                message = str(err)
+            stops.append(time.monotonic() - t)
+            status = json.loads((run / "fractalgen_status.json").read_text())
+            folders = _folders(run)
+            after, bad = int(status.get("after_step", -1)), int(status.get("step", -1))
+            good = max((f for f in folders if f <= after), default=None)
+            named = sorted({int(m) for m in re.findall(r"checkpoint_(\d{9})", message or "")})
+            history_ok = False
+            if good is not None:
+                state = json.loads((run / f"checkpoint_{good:09d}" / "state.json").read_text())
+                losses = [h["loss"] for h in state["history"]]
+                history_ok = state["step"] == good and all(math.isfinite(x) for x in losses)
+            held = (
+                message is not None
+                and "non-finite" in message
+                and status.get("status") == "nonfinite_loss"
+                and bad < k + 6
+                and good is not None
+                and named == [good]
+                and history_ok
+                and not [f for f in folders if f > after]
+            )
+            parts = [
+                f"run nan{i}: resumed at step {k} with base_lr 1e35 (checkpoints every {every}): loss "
+                f"non-finite in steps {after + 1}-{bad}",
+                f"stopped naming {[f'checkpoint_{n:09d}' for n in named]}" if message else "did not stop",
+                f"last good on disk: checkpoint_{good:09d}"
+                if good is not None
+                else "no good checkpoint on disk",
+            ]
+            if not history_ok:
+                parts.append("[its losses are not all finite]")
+            if [f for f in folders if f > after]:
+                parts.append("[checkpoints written after the blow-up]")
+            outcome.record(held, "; ".join(parts))
+    outcome.figures = {
+        "runs": injections,
+        "seconds_relaunch_to_stop": _seconds(stops),
         "run_seconds": round(time.monotonic() - t0, 1),
     }
     return outcome

@@ -86,12 +86,28 @@ def _dataset_class():
         # A shard download that fails after its retries (``storage.s3_max_attempts`` per request,
         # streaming's ``download_retry`` per shard) fails in streaming's download thread, which then
         # ends the epoch early *without an error*, and the next epoch raises "Background thread
-        # failed". The three methods below turn both into a DataError naming the shard.
+        # failed"; and the shard stays marked as being downloaded, so every rank of the node that
+        # needs it waits for it forever (while the failed rank waits for them in a collective). The
+        # methods below mark the shard as no longer being downloaded (LOCAL, as streaming leaves a
+        # shard whose file went missing: the next rank that reads it downloads it again, and fails
+        # itself) and turn both into a DataError naming the shard.
         def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
             try:
                 super().prepare_shard(shard_id, blocking)
             except Exception as err:
+                self._forget_download(shard_id)
                 raise self._shard_error(shard_id, err) from err
+
+        def _forget_download(self, shard_id: int) -> None:
+            from streaming.base.dataset import _ShardState
+
+            lock = getattr(self, "_cache_filelock", None)
+            if lock is None:
+                return
+            with lock:
+                if self._shard_states[shard_id] == _ShardState.PREPARING:
+                    # not REMOTE: a rank already waiting for this download waits for LOCAL only
+                    self._shard_states[shard_id] = _ShardState.LOCAL
 
         def on_exception(self, future: Any) -> None:
             err = future.exception()

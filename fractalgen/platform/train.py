@@ -320,7 +320,12 @@ def build_trainer(plan: WorkerPlan) -> Any:
             name=cfg.name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=c.max_failures),
+            # a worker group that cannot be placed (a lost node, nothing to replace it) times out
+            # after RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) and is retried: max_failures times
+            # too, not forever (Ray's default), so the run ends with ``_placement_shortfall``'s message
+            failure_config=FailureConfig(
+                max_failures=c.max_failures, controller_failure_limit=c.max_failures
+            ),
             # the worker keeps the latest N and the best itself (Ray keeps either, not both)
             checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
@@ -338,6 +343,33 @@ def root_cause(error: BaseException) -> str:
             return line
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _placement_shortfall(error: BaseException, plan: WorkerPlan) -> str | None:
+    """For a run that ended because Ray Train could not place its worker group (its start timed out
+    on every retry): what the group needs and what the cluster has now. None for other errors."""
+    cause = getattr(error, "controller_failure", None)
+    if type(cause).__name__ != "WorkerGroupStartupTimeoutError":
+        return None
+    c = plan.config.cluster
+    need = {"CPU": float(c.cpus_per_worker)} | (
+        {"GPU": float(c.gpus_per_worker)} if c.gpus_per_worker else {}
+    )
+    try:
+        import ray
+
+        total = ray.cluster_resources()
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        has = ", ".join(f"{total.get(k, 0.0):g} {k}" for k in need) + f" on {nodes} alive node(s)"
+    except Exception as err:  # the cluster itself is gone
+        has = f"unknown ({type(err).__name__}: {err})"
+    wants = ", ".join(f"{v * c.num_workers:g} {k}" for k, v in need.items())
+    return (
+        f"the cluster cannot hold the worker group any more: {c.num_workers} workers need {wants}, the "
+        f"cluster has {has}; Ray Train gave up after {c.max_failures + 1} attempts to place it "
+        "(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S each). A run resumes on the number of workers it started "
+        "with (cluster.num_workers): add nodes"
+    )
 
 
 def run_training(cfg: TrainRunConfig, *, plan: WorkerPlan | None = None) -> TrainOutcome:
@@ -373,6 +405,12 @@ def run_training(cfg: TrainRunConfig, *, plan: WorkerPlan | None = None) -> Trai
         tracking.finish_run(
             plan.tracking_uri, plan.mlflow_run_id, "FINISHED" if outcome.status == "finished" else "FAILED"
         )
+    shortfall = _placement_shortfall(error, plan) if error is not None else None
+    if shortfall is not None:
+        raise TrainError(
+            f"training failed: {shortfall}, then launch again with the same name: the run folder "
+            f"{plan.run_uri} keeps the last complete checkpoint"
+        ) from error
     if error is not None:
         raise TrainError(
             f"training failed: {type(error).__name__}: {error}\n\ntraining failed: {root_cause(error)}\n"

@@ -57,6 +57,9 @@ UPLOADED_STATE_FILE = "run_state.json"
 CONFIG_FILE = "run.yaml"
 SAMPLES_PNG = "samples.png"
 STATUS_FILE = "fractalgen_status.json"  # <run folder>/..., written by rank 0 when the loop ends
+# manifest/rank_<r>.json: the size of every file rank r put in a checkpoint; a resume checks them
+# (complete_checkpoint), so a truncated or deleted shard is named instead of failing inside DeepSpeed
+MANIFEST_DIR = "manifest"
 # opt-in audit (docs/operations.md): a file every rank appends to, one JSON line when it starts or
 # resumes and one per step with the keys of the samples it trained on (bench/faults/training.py)
 SAMPLE_LOG_ENV = "FRACTALGEN_SAMPLE_LOG"
@@ -207,6 +210,83 @@ def _refused_files(folder: str, err: BaseException) -> str:
     return "; ".join(reasons) or load_failure(folder, err)
 
 
+class CheckpointDamaged(RuntimeError):
+    """A checkpoint's files differ from what its ranks wrote (``MANIFEST_DIR``); the message names them."""
+
+
+def _write_manifest(folder: str, rank: int) -> None:
+    """This rank's files in the checkpoint folder ``folder`` and their sizes (``MANIFEST_DIR``)."""
+    sizes = {}
+    for root, _dirs, names in os.walk(folder):
+        for n in names:
+            path = os.path.join(root, n)
+            sizes[os.path.relpath(path, folder).replace(os.sep, "/")] = os.path.getsize(path)
+    os.makedirs(os.path.join(folder, MANIFEST_DIR), exist_ok=True)
+    with open(os.path.join(folder, MANIFEST_DIR, f"rank_{rank}.json"), "w") as f:
+        json.dump(sizes, f, indent=0, sort_keys=True)
+
+
+def checkpoint_damage(checkpoint: Any, world: int) -> list[str]:
+    """What is wrong with a ``ray.train.Checkpoint``'s files against its ranks' manifests: missing
+    files and files of another size, each named. [] when nothing is, and for a checkpoint written
+    before manifests existed. Sizes only: a truncated or deleted file, not flipped bits."""
+    import pyarrow.fs as pafs
+
+    fs, root = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    sizes = {i.path[len(root) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
+    if not any(p.startswith(MANIFEST_DIR + "/") for p in sizes):
+        return []
+    problems = []
+    for r in range(world):
+        name = f"{MANIFEST_DIR}/rank_{r}.json"
+        try:
+            with fs.open_input_stream(f"{root}/{name}") as f:
+                written = json.loads(f.read())
+        except (OSError, ValueError) as err:
+            problems.append(f"{name} cannot be read ({type(err).__name__})")
+            continue
+        for rel, size in sorted(written.items()):
+            if rel not in sizes:
+                problems.append(f"{rel} is missing")
+            elif sizes[rel] != size:
+                problems.append(f"{rel} has {sizes[rel]} bytes, {size} were written")
+    return problems
+
+
+def complete_checkpoint(checkpoint: Any, world: int, *, rank: int, fall_back: bool) -> Any:
+    """``checkpoint`` if its files are all there (``checkpoint_damage``). Otherwise, with ``fall_back``
+    (a resume of this run), the newest earlier complete checkpoint of its run folder, announced with
+    the damaged files; else ``CheckpointDamaged`` naming them. Every rank reads the same files and
+    so picks the same checkpoint."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    problems = checkpoint_damage(checkpoint, world)
+    if not problems:
+        return checkpoint
+    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    parent, name = path.rsplit("/", 1)
+    damaged = f"checkpoint {path} is damaged: {'; '.join(problems[:5])}"
+    if fall_back:
+        infos = fs.get_file_info(pafs.FileSelector(parent))
+        earlier = sorted(
+            (i.base_name for i in infos if i.type == pafs.FileType.Directory),
+            reverse=True,
+        )
+        for other in (n for n in earlier if n.startswith("checkpoint_") and n < name):
+            candidate = ray.train.Checkpoint(path=f"{parent}/{other}", filesystem=fs)
+            complete = fs.get_file_info(f"{parent}/{other}/{STATE_FILE}").type == pafs.FileType.File
+            if complete and not checkpoint_damage(candidate, world):
+                if rank == 0:
+                    _say(f"[fractalgen] WARNING: {damaged}; resuming from the previous complete one, {other}")
+                return candidate
+    raise CheckpointDamaged(
+        f"{damaged}; "
+        + ("no earlier complete checkpoint in its run folder" if fall_back else "restore these files")
+    )
+
+
 def load_checkpoint(engine: Any, loader: Any, checkpoint: Any, *, rank: int) -> tuple[RunState, list[Any]]:
     """Restore the engine (weights, optimizer, lr schedule), the loader position and the run state."""
     with checkpoint.as_directory() as folder:
@@ -268,6 +348,7 @@ def report_and_checkpoint(
             if samples_png is not None:
                 with open(os.path.join(tmp, SAMPLES_PNG), "wb") as f:
                     f.write(samples_png)
+        _write_manifest(tmp, rank)
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name
         )
@@ -467,6 +548,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             cfg.checkpoint.init_from, cfg.checkpoint.s3_endpoint_url or plan.storage_endpoint
         )
         checkpoint = ray.train.Checkpoint(path=path, filesystem=fs)
+        checkpoint = complete_checkpoint(checkpoint, world, rank=rank, fall_back=False)
+    elif checkpoint is not None:
+        checkpoint = complete_checkpoint(checkpoint, world, rank=rank, fall_back=True)
     # fine-tuning: pretrained weights before DeepSpeed partitions the model (a resumed run has its own)
     init_report = None
     if checkpoint is None and cfg.finetune.init:
@@ -556,7 +640,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if sample_log is not None:
             _append_sample_log(
                 sample_log,
-                {"attempt": attempt, "rank": rank, "step": state.step, "keys": step_keys, "time": time.time()},
+                {
+                    "attempt": attempt,
+                    "rank": rank,
+                    "step": state.step,
+                    "keys": step_keys,
+                    "time": time.time(),
+                },
             )
 
         checkpoint_due = state.step % cfg.checkpoint.every_steps == 0 or state.step == plan.stop_step
