@@ -89,3 +89,21 @@ def s3_server(_moto_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path_facto
         if key in os.environ:
             monkeypatch.delenv(key)
     return S3Server(endpoint_url=_moto_server, env=env)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_across_modules() -> Iterator[None]:
+    """Each test module starts with no Ray in this process and leaves none behind: a command under
+    test may start a local Ray (``fractalgen.platform.ray_connect``) and keep it, as the CLI does, and
+    a later module must not depend on it, or find it where it checks that nothing started Ray."""
+    _shutdown_ray()
+    yield
+    _shutdown_ray()
+
+
+def _shutdown_ray() -> None:
+    import sys
+
+    ray = sys.modules.get("ray")  # never imports Ray for modules that do not use it
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

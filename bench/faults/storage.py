@@ -27,8 +27,6 @@ import contextlib
 import json
 import logging
 import os
-import resource
-import shutil
 import signal
 import subprocess
 import sys

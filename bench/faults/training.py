@@ -52,6 +52,7 @@ from bench.faults import Outcome, Settings, scenario
 WORLD = 2  # Ray Train workers
 MICRO = 4  # samples per worker per step
 STEPS_PER_EPOCH = 10  # 80 samples / (2 x 4)
+EVERY = 2  # checkpoint interval of train-worker-sigkill
 SAMPLE_LOG_ENV = "FRACTALGEN_SAMPLE_LOG"  # fractalgen.platform.worker.SAMPLE_LOG_ENV (not imported: heavy)
 # Ray Train V2 knobs for short runs (tests/platform/test_train_support.py): no preemption watcher,
 # a fast worker poll; the driver hands them on to the controller and the workers
@@ -236,11 +237,26 @@ def _folders(run: Path) -> list[int]:
         return []
 
 
-def _unregistered_folder(run: Path, after: int) -> int | None:
-    """The first checkpoint folder past step ``after`` that Ray has not registered yet, if any."""
+def _fresh_unregistered(
+    log: SampleLog, attempt_ids: set[str], run: Path, after: int, every: int
+) -> int | None:
+    """A checkpoint past step ``after`` that the attempt ``attempt_ids`` has begun to write (its
+    folder holds a file newer than the attempt's line for that step: not a folder left by a killed
+    attempt) and Ray Train has not registered yet; None if there is none now."""
+    logged: dict[int, float] = {}
+    for rec in log.steps_of(attempt_ids):
+        logged[rec["step"]] = min(rec["time"], logged.get(rec["step"], math.inf))
     registered = set(_registered(run))
-    fresh = [s for s in _folders(run) if s > after and s not in registered]
-    return fresh[0] if fresh else None
+    for step in sorted(
+        (s for s in logged if s > after and s % every == 0 and s not in registered), reverse=True
+    ):
+        try:
+            files = [p.stat().st_mtime for p in (run / f"checkpoint_{step:09d}").rglob("*") if p.is_file()]
+        except OSError:
+            continue  # being written
+        if files and max(files) >= logged[step]:
+            return step
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,12 +393,13 @@ def _seconds(values: list[float]) -> dict[str, float]:
 # 1. a Ray Train worker SIGKILLed
 
 
-@scenario("train-worker-sigkill", budget_s=900)
+@scenario("train-worker-sigkill", budget_s=900, in_short=False)
 def train_worker_sigkill(settings: Settings) -> Outcome:
-    """One run, a checkpoint every 2 steps; 10 (short: 2) SIGKILLs of a random worker, each at a
-    random step of the current attempt or while a checkpoint folder exists that Ray has not yet
-    registered. Each kill must resume at the latest registered checkpoint; over the whole run the
-    effective sample sequence must have no repeat and no gap."""
+    """One run of 80 steps (short: 30), a checkpoint every 2; 10 (short: 2) SIGKILLs of a random
+    worker at random steps spread over the run, each either during the step after it or while the
+    current attempt's checkpoint folder for a step exists and Ray has not registered it yet. Each kill
+    must resume at the latest registered checkpoint; over the whole run the effective sample
+    sequence must have no repeat and no gap."""
     from fractalgen.platform.train import TrainError, run_training
 
     name = "train-worker-sigkill"
@@ -399,9 +416,11 @@ def train_worker_sigkill(settings: Settings) -> Outcome:
     log = SampleLog(_environment(work))
     data, keys = _dataset(work)
     stop_step = (3 if settings.short else 8) * STEPS_PER_EPOCH
+    # the steps the kills aim at, spread over the run (a restarted attempt redoes steps up to there)
+    points = sorted(rng.sample(range(2, stop_step - 6), kills))
     storage_path = work / "runs"
     run = storage_path / "killed"
-    cfg = _config(name="killed", data=data, storage_path=storage_path, steps=stop_step, every=2,
+    cfg = _config(name="killed", data=data, storage_path=storage_path, steps=stop_step, every=EVERY,
                   max_failures=kills + 1)  # fmt: skip
 
     done = threading.Event()
@@ -416,14 +435,16 @@ def train_worker_sigkill(settings: Settings) -> Outcome:
                 )
                 ids = {g["attempt"] for g in group}
                 start = int(group[0]["start_step"])
+                target = max(points[i], start + 1)
                 if mode == "step":
-                    target = min(start + rng.randint(1, 4), stop_step - 2)
                     _wait(functools.partial(log.reached, ids, target), 300, f"step {target}", stop=done)
-                    time.sleep(rng.uniform(0.0, 0.2))  # somewhere in the next step
+                    time.sleep(rng.uniform(0.0, 0.05))  # into the next step (~0.05-0.1 s here)
                     seen = None
                 else:
-                    seen = _wait(functools.partial(_unregistered_folder, run, start), 300, "a checkpoint folder Ray has not registered yet",
-                                 stop=done, poll_s=0.003)  # fmt: skip
+                    after = max(start, target - 1)
+                    seen = _wait(functools.partial(_fresh_unregistered, log, ids, run, after, EVERY), 300,
+                                 f"a checkpoint past step {after} written, not registered", stop=done,
+                                 poll_s=0.003)  # fmt: skip
                 before = _registered(run)
                 on_disk = _folders(run)
                 progress = log.max_step(ids)
@@ -493,7 +514,7 @@ def train_worker_sigkill(settings: Settings) -> Outcome:
         where = (
             f"step {rec['progress'] + 1} in progress"
             if rec["mode"] == "step"
-            else f"checkpoint_{rec['folder_seen']} written, not registered"
+            else f"checkpoint_{rec['folder_seen']} being written by this attempt, not registered"
             + (" (registered meanwhile)" if rec["write_registered_by_kill"] else "")
         )
         detail = (
@@ -798,6 +819,7 @@ def train_driver_killed(settings: Settings) -> Outcome:
     recipe = _recipe(work / "recipe.yaml", name="driver", data=data, storage_path=storage_path, steps=stop_step,
                      every=2, tracking_uri=tracking_uri)  # fmt: skip
     cmd = _train_cmd(recipe)
+    points = sorted(rng.sample(range(3, stop_step - 8), kills))  # the steps the kills aim at
     records: list[dict[str, Any]] = []
     errors: list[str] = []
     final_rc: int | None = None
@@ -824,7 +846,7 @@ def train_driver_killed(settings: Settings) -> Outcome:
                     final_rc = proc.wait(timeout=600)
                     break
                 ids = {g["attempt"] for g in group}
-                target = min(int(group[0]["start_step"]) + rng.randint(1, 8), stop_step - 4)
+                target = max(points[launch], int(group[0]["start_step"]) + 1)
                 _wait(functools.partial(log.reached, ids, target), 300, f"step {target}")
                 time.sleep(rng.uniform(0.0, 0.3))
                 progress = log.max_step(ids)
@@ -1080,6 +1102,18 @@ def train_mlflow_outage(settings: Settings) -> Outcome:
 # 5. a checkpoint shard truncated or deleted before a resume
 
 
+def checkpoint_damage_left(run: Path, step: int) -> list[str]:
+    """What is still wrong with the run's checkpoint at ``step`` (its files against the manifests
+    every rank wrote, fractalgen/platform/worker.py): [] once the relaunch has written it again."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    from fractalgen.platform.worker import checkpoint_damage
+
+    folder = run / f"checkpoint_{step:09d}"
+    return checkpoint_damage(ray.train.Checkpoint(path=str(folder), filesystem=pafs.LocalFileSystem()), WORLD)
+
+
 @scenario("train-checkpoint-damaged", budget_s=900)
 def train_checkpoint_damaged(settings: Settings) -> Outcome:
     """A run trained to step 6 (a checkpoint every 2 steps); then, each time, one DeepSpeed shard of
@@ -1101,7 +1135,13 @@ def train_checkpoint_damaged(settings: Settings) -> Outcome:
     storage_path = work / "runs"
     run = storage_path / "damaged"
     recipe = _recipe(
-        work / "recipe.yaml", name="damaged", data=data, storage_path=storage_path, steps=6, every=2
+        # epochs for every launch's steps; each launch sets train.max_steps
+        work / "recipe.yaml",
+        name="damaged",
+        data=data,
+        storage_path=storage_path,
+        steps=6 + 4 * injections,
+        every=2,
     )
     errors: list[str] = []
     steps = 6
@@ -1143,8 +1183,15 @@ def train_checkpoint_damaged(settings: Settings) -> Outcome:
                 resume_s.append(time.monotonic() - t_launch)
             named = target.name in text and ckpt.name in text
             if rc == 0:
-                held = resumed == previous and named and all(g["start_step"] == previous for g in new)
-                how = f"resumed at step {resumed} (previous checkpoint {previous}), finished at {steps}"
+                ended = json.loads((run / "fractalgen_status.json").read_text()).get("step")
+                held = (
+                    resumed == previous
+                    and named
+                    and all(g["start_step"] == previous for g in new)
+                    and ended == steps
+                    and not checkpoint_damage_left(run, latest)
+                )
+                how = f"resumed at step {resumed} (previous checkpoint {previous}), finished at step {ended}"
             else:
                 held = named
                 how = f"exit {rc}"
@@ -1164,7 +1211,7 @@ def train_checkpoint_damaged(settings: Settings) -> Outcome:
         outcome.details.append(f"samples: {audit.summary()}")
     outcome.figures = {
         "damaged": outcome.injections,
-        "seconds_relaunch_to_worker_group": _seconds(resume_s),
+        "seconds_relaunch_to_exit": _seconds(resume_s),
         "samples_repeated": audit.repeated,
         "samples_skipped": audit.skipped,
         "run_seconds": round(time.monotonic() - t0, 1),

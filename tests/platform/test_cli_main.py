@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 
 import pytest
 
 import fractalgen.models.inspect as inspect_cmd
 from fractalgen.platform.cli import console_main, main
+
+
+@pytest.fixture(autouse=True)
+def _python_sigint_handler() -> Iterator[None]:
+    """Python's own SIGINT handler for the test (raises KeyboardInterrupt): libraries that earlier
+    tests loaded (Ray, streaming) may have installed theirs, which would end the test run instead."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def _ctrl_c(*args, **kwargs) -> str:

@@ -93,6 +93,7 @@ def test_review_and_promote(registry, tmp_path: Path, capsys: pytest.CaptureFixt
     from fractalgen.platform.cli import main
 
     name = registry["name"]
+    reg.promote(name, "1", out=io.StringIO())  # its own starting point: 1 @champion, 2 @candidate
     html_path = tmp_path / "review.html"
     assert main(["registry", "review", name, "--html", str(html_path), "--no-thumbnails"]) == 0
     text = capsys.readouterr().out
