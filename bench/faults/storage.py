@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -200,7 +201,7 @@ def _env(fx: S3Fixture | None, **extra: str) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------ s3-prepare
-@scenario("s3-prepare", budget_s=600)
+@scenario("s3-prepare", budget_s=600, in_short=False)
 def s3_prepare(settings: Settings) -> Outcome:
     """``data prepare --out s3://``: transient faults at random requests must be retried and the
     dataset complete; a persistent fault must end the command with a clear error, no index.json,
@@ -429,7 +430,7 @@ def _local_dataset(work: Path, seed: int) -> str:
 
 
 # --------------------------------------------------------------------------------- s3-checkpoint
-@scenario("s3-checkpoint", budget_s=600)
+@scenario("s3-checkpoint", budget_s=600, in_short=False)
 def s3_checkpoint(settings: Settings) -> Outcome:
     """Training with ``checkpoint.storage_path=s3://``: a transient fault in each checkpoint's
     upload (pyarrow's S3FileSystem, Ray Train) must be retried and the run finish with complete
@@ -582,4 +583,161 @@ def s3_streaming(settings: Settings) -> Outcome:
             f"{line}",
         )
         outcome.figures["persistent_error_s"] = round(seconds, 1)
+    return outcome
+
+
+# ------------------------------------------------------------------------------------- disk-full
+def _mount_tmpfs(path: Path, size_bytes: int) -> bool:
+    """Mount a tmpfs of ``size_bytes`` at ``path`` (or resize the one there); False if not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    remount = os.path.ismount(path)
+    options = f"{'remount,' if remount else ''}size={size_bytes},mode=0755"
+    cmd = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def _unmount(path: Path) -> None:
+    if os.path.ismount(path):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, size_bytes: int) -> Iterator[bool]:
+    """A small tmpfs at ``path`` for the duration (yields False, mounting nothing, if not allowed)."""
+    mounted = _mount_tmpfs(path, size_bytes)
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            _unmount(path)
+
+
+def _limit_file_size(limit: int) -> Any:
+    """A ``preexec_fn``: files the command writes may not grow past ``limit`` bytes (EFBIG)."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def _cli_limited(args: list[str], env: dict[str, str], limit: int) -> tuple[int, str, float]:
+    """``fractalgen ARGS`` under ``RLIMIT_FSIZE`` (output through pipes, which the limit spares)."""
+    cmd = [sys.executable, "-m", "fractalgen", *args]
+    start = time.monotonic()
+    try:
+        done = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+            preexec_fn=_limit_file_size(limit), start_new_session=True,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return -1, f"did not exit within {CLI_TIMEOUT_S:.0f} s", time.monotonic() - start
+    return done.returncode, done.stdout[-2000:] + "\n" + done.stderr[-12000:], time.monotonic() - start
+
+
+def _local_dataset_problem(out: Path) -> str | None:
+    """None if ``out`` holds the complete dataset of ``_source_images``."""
+    index = out / "index.json"
+    if not index.exists():
+        return f"no index.json at {out}"
+    shards = [
+        (s.get("zip_data") or s["raw_data"])["basename"] for s in json.loads(index.read_text())["shards"]
+    ]
+    missing = [b for b in shards if not (out / b).exists()]
+    if missing:
+        return f"index.json published with {len(missing)} shard(s) missing, e.g. {missing[0]}"
+    summary = json.loads((out / "summary.json").read_text())
+    if summary["num_images"] != PREPARE_CLASSES * PREPARE_PER_CLASS:
+        return f"{summary['num_images']} images in the summary"
+    return None
+
+
+DISK_FULL_WORDS = ("no space left on device", "file too large", "errno 28", "errno 27")
+
+
+@scenario("disk-full", budget_s=600, in_short=False)
+def disk_full(settings: Settings) -> Outcome:
+    """A full disk under ``data prepare`` (output folder) and under training (``storage_path``): the
+    command stops with a clear error, publishes nothing half-written, and after space is freed the
+    same command completes the dataset / the last complete checkpoint is the one readers pick."""
+    _quiet()
+    outcome = Outcome(
+        fault="disk full (a small tmpfs; else a file-size limit)",
+        injected="`data prepare` output folder; training `storage_path` (checkpoints)",
+        must_hold="a clear error naming the full disk; no index.json / no checkpoint readers accept "
+        "without all its files; a rerun with space completes",
+    )
+    rng = settings.rng("disk-full")
+    work = Path(settings.work_dir)
+    src = _source_images(work / "src", settings.seed)
+    env = _env(None)
+    with _tmpfs(work / "probe", 1 << 20) as can_mount:
+        pass
+    outcome.figures["method"] = "tmpfs" if can_mount else "RLIMIT_FSIZE (no mount allowed)"
+    for i in range(1 if settings.short else 3):
+        disk = work / f"disk{i}"
+        out = disk / "dataset"
+        args = ["data", "prepare", "--source", src, "--out", str(out), "--size", str(IMAGE_SIZE),
+                "--workers", "2", "--part-size", str(PREPARE_PART), "--no-progress"]  # fmt: skip
+        if can_mount:
+            size = 4096 * rng.randint(6, 20)  # the whole dataset needs about 30 pages
+            with _tmpfs(disk, size):
+                code, text, seconds = _cli(args, env)
+                problem = _local_dataset_problem(out)
+                published = (out / "index.json").exists()
+                _mount_tmpfs(disk, 64 << 20)  # space freed
+                rerun, rerun_text, _ = _cli(args, env)
+                resumed = _local_dataset_problem(out) if rerun == 0 else _error_line(rerun_text)
+            where = f"a {size // 1024} KiB tmpfs"
+        else:
+            size = rng.randint(2048, 12000)  # a shard is about 14 KB
+            disk.mkdir(parents=True, exist_ok=True)
+            code, text, seconds = _cli_limited(args, env, size)
+            problem = _local_dataset_problem(out)
+            published = (out / "index.json").exists()
+            rerun, rerun_text, _ = _cli(args, env)
+            resumed = _local_dataset_problem(out) if rerun == 0 else _error_line(rerun_text)
+            where = f"files limited to {size} bytes"
+        line = _error_line(text)
+        if code == 0 and problem is None:  # everything fitted: no fault happened
+            outcome.details.append(f"prepare on {where}: the dataset fitted, no injection")
+            continue
+        clear = code == 2 and any(w in line.lower() for w in DISK_FULL_WORDS) and "Traceback" not in text
+        held = clear and not published and resumed is None
+        outcome.record(
+            held,
+            f"prepare on {where}: exit {code} after {seconds:.0f} s, "
+            f"{'index.json PUBLISHED' if published else 'no index.json'}, rerun with space: "
+            f"{resumed or 'complete'}; {line}",
+        )
+    if not can_mount:
+        outcome.details.append(
+            "training: skipped (a full storage_path needs a tmpfs; mount is not allowed here)"
+        )
+        return outcome
+    data = _local_dataset(work / "train", settings.seed)
+    for i in range(0 if settings.short else 2):
+        disk = work / f"ckpt{i}"
+        size = 1024 * rng.randint(2500, 7000)  # a checkpoint takes about 2.5 MB: fail at the 1st-3rd
+        recipe = _recipe(work / f"ckpt{i}.yaml", _train_overrides(f"full{i}", data, str(disk / "runs")))
+        with _tmpfs(disk, size):
+            code, text, seconds = _cli(["train", "--config", recipe], env)
+            problems, picked = _checkpoint_problems(str(disk / "runs" / f"full{i}"), None)
+            kept = sorted(p.name for p in (disk / "runs" / f"full{i}").glob("checkpoint_*"))
+        line = _error_line(text)
+        if code == 0:
+            outcome.details.append(f"training on a {size // 1024} KiB tmpfs: everything fitted, no injection")
+            continue
+        clear = code == 1 and any(w in line.lower() for w in DISK_FULL_WORDS)
+        outcome.record(
+            clear and not problems,
+            f"training on a {size // 1024} KiB tmpfs: exit {code} after {seconds:.0f} s; folders {kept}, "
+            f"readers pick {(picked or 'none').rsplit('/', 1)[-1]}; "
+            f"{'; '.join(problems) or 'no half-published checkpoint'}; {line}",
+        )
     return outcome
