@@ -60,7 +60,7 @@ def _class_names_arg(value: str | None, endpoint: str | None) -> list[str] | Non
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from fractalgen.pipelines import DataError
+    from fractalgen.pipelines import DataError, storage
     from fractalgen.pipelines.prepare import prepare_dataset
 
     if args.size < 1:
@@ -86,6 +86,11 @@ def _prepare(args: argparse.Namespace) -> int:
         )
     except (DataError, ValueError) as err:
         raise _cli_error(err) from err
+    except OSError as err:  # a full disk, or S3 still failing after the retries (storage.StorageError)
+        where = "" if err.filename or isinstance(err, storage.StorageError) else f" (writing {args.out})"
+        raise _cli_error(
+            OSError(f"{err}{where}; nothing half-written is published: run the same command again to resume")
+        ) from err
     print(
         f"{args.out}: {summary['num_images']} images, {summary['num_classes']} classes, "
         f"{summary['image_size']}px {summary['image_format']}, {summary['num_shards']} shards, "

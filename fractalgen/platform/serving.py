@@ -17,12 +17,23 @@ which equals ``model.sample(labels, seed=seed, ...)`` exactly. Weights live in t
 ``checkpoint`` artifact (released format). The model runs on CUDA when available
 (``FRACTALGEN_SERVE_DEVICE`` overrides). Serving needs ``fractalgen`` installed in the serving
 environment (``--env-manager local`` in the project image).
+
+Bad requests (``check_request``) are refused with ``MlflowException(INVALID_PARAMETER_VALUE)``,
+which the scoring server answers with HTTP 400 and the message: a label outside ``0..classes-1``,
+more rows than ``FRACTALGEN_SERVE_MAX_IMAGES`` (default 256) or none, ``batch_size`` outside
+``0..max``, a non-finite ``cfg`` / ``temperature`` / ``filter_threshold`` or one out of its range, an
+unknown ``cfg_schedule``, ``num_iters`` of another depth or outside ``1..patches`` of its level, a
+negative ``seed``. The request size is bounded that way: no request samples more than the maximum.
+(The scoring server itself parses the body against the signature first: a non-numeric label or
+setting is refused there, also with a 400; a fractional label is cast to an integer there.)
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import math
 import os
 from typing import Any
 
@@ -31,6 +42,9 @@ import numpy as np
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 DEVICE_ENV = "FRACTALGEN_SERVE_DEVICE"
+MAX_IMAGES_ENV = "FRACTALGEN_SERVE_MAX_IMAGES"
+DEFAULT_MAX_IMAGES = 256  # images per request (rows), and so the largest batch
+MAX_SEED = 2**62  # seeds seed..seed+batches-1 must stay valid torch seeds
 
 
 def encode_png(image_hwc: np.ndarray) -> str:
@@ -59,7 +73,8 @@ def decode_images(predictions: Any) -> np.ndarray:
 def default_params(config: Any) -> dict[str, Any]:
     """The params of the signature, with the model config's sampling defaults."""
     return {
-        "cfg": float(config.sample_cfg),
+        # an unconditional (1-class) model samples without guidance (SamplingSettings.resolved)
+        "cfg": 1.0 if config.num_classes == 1 else float(config.sample_cfg),
         "temperature": float(config.sample_temperature),
         "cfg_schedule": str(config.sample_cfg_schedule),
         "num_iters": [int(i) for i in config.default_iters()],
@@ -69,19 +84,146 @@ def default_params(config: Any) -> dict[str, Any]:
     }
 
 
-def _labels(model_input: Any) -> list[int]:
+class BadRequest(Exception):
+    """A request the model refuses (``check_request``); the message says which value and why."""
+
+
+def max_images() -> int:
+    """Images (rows) one request may ask for: ``FRACTALGEN_SERVE_MAX_IMAGES``, else 256."""
+    raw = os.environ.get(MAX_IMAGES_ENV, "").strip()
+    try:
+        value = int(raw) if raw else DEFAULT_MAX_IMAGES
+    except ValueError:
+        raise ValueError(f"{MAX_IMAGES_ENV}={raw!r}: expected a whole number of images") from None
+    if value < 1:
+        raise ValueError(f"{MAX_IMAGES_ENV}={raw!r}: expected a whole number of images >= 1")
+    return value
+
+
+def _label_values(model_input: Any) -> list[Any]:
     import pandas as pd
 
     if isinstance(model_input, pd.DataFrame):
         for col in ("label", "class_label", "labels"):
             if col in model_input.columns:
-                return [int(v) for v in model_input[col].tolist()]
+                return model_input[col].tolist()
         if model_input.shape[1] == 1:
-            return [int(v) for v in model_input.iloc[:, 0].tolist()]
-        raise ValueError(f"input needs a 'label' column, got columns {list(model_input.columns)}")
+            return model_input.iloc[:, 0].tolist()
+        raise BadRequest(f"input needs a 'label' column, got columns {list(model_input.columns)}")
     if isinstance(model_input, dict):
-        return _labels(pd.DataFrame(model_input))
-    return [int(v) for v in np.asarray(model_input).reshape(-1).tolist()]
+        return _label_values(pd.DataFrame(model_input))
+    return np.asarray(model_input).reshape(-1).tolist()
+
+
+def _integer(name: str, value: Any) -> int:
+    """``value`` as an int if it is a whole number (not a bool, NaN or fraction); else BadRequest."""
+    if isinstance(value, bool | np.bool_):
+        raise BadRequest(f"{name} must be a whole number, got {value!r}")
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value.strip())
+    raise BadRequest(f"{name} must be a whole number, got {value!r}")
+
+
+def _real(name: str, value: Any) -> float:
+    """``value`` as a finite float (numbers, or text that reads as one); else BadRequest."""
+    if isinstance(value, bool | np.bool_):
+        raise BadRequest(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise BadRequest(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def check_request(model_input: Any, params: dict[str, Any] | None, config: Any) -> dict[str, Any]:
+    """Validate a request against the model's ``config``; the values to sample with.
+
+    Returns ``{"labels", "settings" (SamplingSettings), "seed", "batch_size"}``; raises
+    ``BadRequest`` naming the first bad value (module docstring lists the rules).
+    """
+    from fractalgen.platform.evaluation.generate import SamplingSettings
+
+    p = {**default_params(config), **(params or {})}
+    limit = max_images()
+    values = _label_values(model_input)
+    if not values:
+        raise BadRequest("the request has no rows: send one {'label': class index} per image")
+    if len(values) > limit:
+        raise BadRequest(
+            f"the request asks for {len(values)} images; at most {limit} per request "
+            f"({MAX_IMAGES_ENV} on the server): split it"
+        )
+    labels = []
+    for i, value in enumerate(values):
+        label = _integer(f"label of row {i}", value)
+        if not 0 <= label < config.num_classes:
+            raise BadRequest(
+                f"label of row {i} is {label}: this model has {config.num_classes} classes, "
+                f"labels 0..{config.num_classes - 1}"
+            )
+        labels.append(label)
+
+    cfg = _real("cfg", p["cfg"])
+    if cfg < 1.0:
+        raise BadRequest(f"cfg (guidance scale) must be >= 1.0 (1.0: no guidance), got {p['cfg']!r}")
+    if config.num_classes == 1 and cfg != 1.0:
+        raise BadRequest(f"this model is unconditional (1 class): cfg must be 1.0, got {p['cfg']!r}")
+    temperature = _real("temperature", p["temperature"])
+    if temperature <= 0:
+        raise BadRequest(f"temperature must be > 0 (it multiplies the logits), got {p['temperature']!r}")
+    threshold = _real("filter_threshold", p["filter_threshold"])
+    if not 0.0 <= threshold < 1.0:
+        raise BadRequest(f"filter_threshold must lie in [0, 1), got {p['filter_threshold']!r}")
+    schedule = p["cfg_schedule"]
+    if schedule not in ("linear", "constant"):
+        raise BadRequest(f"cfg_schedule must be 'linear' or 'constant', got {schedule!r}")
+
+    iters = p["num_iters"]
+    if isinstance(iters, str):
+        iters = [part for part in iters.replace(" ", "").split(",") if part]
+    if not isinstance(iters, list | tuple | np.ndarray):
+        raise BadRequest(f"num_iters must be a list of whole numbers, one per level, got {iters!r}")
+    patches = [config.seq_len(level) for level in range(config.num_levels)]
+    if len(iters) != len(patches):
+        raise BadRequest(f"num_iters needs {len(patches)} entries (one per level), got {list(iters)!r}")
+    num_iters = []
+    for level, (value, most) in enumerate(zip(iters, patches, strict=True)):
+        steps = _integer(f"num_iters[{level}]", value)
+        if not 1 <= steps <= most:
+            raise BadRequest(
+                f"num_iters[{level}] is {steps}: level {level} generates {most} patches, so 1..{most} steps"
+            )
+        num_iters.append(steps)
+
+    seed = _integer("seed", p["seed"])
+    if not 0 <= seed <= MAX_SEED:
+        raise BadRequest(f"seed must lie in 0..{MAX_SEED}, got {seed}")
+    batch = _integer("batch_size", p["batch_size"])
+    if not 0 <= batch <= limit:
+        raise BadRequest(f"batch_size must lie in 0..{limit} (0: all rows in one batch), got {batch}")
+    settings = SamplingSettings(
+        num_iters=tuple(num_iters),
+        cfg=cfg,
+        cfg_schedule=schedule,
+        temperature=temperature,
+        filter_threshold=threshold,
+    )
+    return {"labels": labels, "settings": settings, "seed": seed, "batch_size": batch or len(labels)}
+
+
+def _bad_request(err: Exception) -> Exception:
+    """The exception MLflow's scoring server answers with HTTP 400 and ``err``'s message."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(f"bad request: {err}", error_code=INVALID_PARAMETER_VALUE)
 
 
 class FractalGenPyfunc(mlflow.pyfunc.PythonModel):
@@ -101,25 +243,23 @@ class FractalGenPyfunc(mlflow.pyfunc.PythonModel):
         import pandas as pd
         import torch
 
-        from fractalgen.platform.evaluation.generate import (
-            SamplingSettings,
-            generate_images,
-            parse_iters,
-            to_uint8,
-        )
+        from fractalgen.platform.evaluation.generate import generate_images, to_uint8
 
-        p = {**default_params(self.model.config), **(params or {})}
-        labels = _labels(model_input)
-        iters = p["num_iters"]
-        settings = SamplingSettings(
-            num_iters=parse_iters(iters) if isinstance(iters, str) else tuple(int(i) for i in iters),
-            cfg=float(p["cfg"]),
-            cfg_schedule=str(p["cfg_schedule"]),  # type: ignore[arg-type]
-            temperature=float(p["temperature"]),
-            filter_threshold=float(p["filter_threshold"]),
-        )
+        try:
+            request = check_request(model_input, params, self.model.config)
+        except BadRequest as err:
+            raise _bad_request(err) from None
+        labels = request["labels"]
         label_t = torch.tensor(labels, dtype=torch.long)
-        batch = int(p["batch_size"]) or max(1, len(labels))
-        images = generate_images(self.model, label_t, settings, batch_size=batch, seed=int(p["seed"]))
+        try:
+            images = generate_images(
+                self.model,
+                label_t,
+                request["settings"],
+                batch_size=request["batch_size"],
+                seed=request["seed"],
+            )
+        except ValueError as err:  # the model's own checks (fractalgen.models.fractal.FractalGen.sample)
+            raise _bad_request(err) from None
         encoded = [encode_png(img) for img in to_uint8(images)]
         return pd.DataFrame({"label": labels, "image": encoded})
