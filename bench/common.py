@@ -3,7 +3,7 @@
 MFU = achieved model FLOP/s / peak: model FLOPs per image come from the configuration
 (``fractalgen.models.inspect.level_costs``, the paper's Table 1 method: forward at batch 1, every
 patch counted); training counts 3x forward. The default peak is 790 TFLOP/s, dense bf16 on an
-H100 (PERF.md); pass ``--peak-tflops`` for another GPU.
+H100 (docs/performance.md#the-limit); pass ``--peak-tflops`` for another GPU.
 """
 
 from __future__ import annotations

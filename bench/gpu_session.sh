@@ -7,7 +7,8 @@
 #   bash bench/gpu_session.sh   # writes $OUT (or ./bench-out): log.txt, results.jsonl, report.md
 #
 # On the device machine (torch and Triton installed, no Ray/DeepSpeed/MLflow), from the repository
-# root. Rows through DeepSpeed and Ray Train need those packages carried as wheels; see PERF.md.
+# root. Rows through DeepSpeed and Ray Train need those packages carried as wheels; see
+# docs/performance.md#the-gpu-machine.
 set -uo pipefail
 out="${OUT:-bench-out}"
 mkdir -p "$out"

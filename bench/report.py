@@ -1,4 +1,4 @@
-"""The benchmark rows against PERF.md's targets, as the Markdown table of docs/performance.md.
+"""The benchmark rows against the targets, as the Markdown table of docs/performance.md#status.
 
 Reads the ``JSON {...}`` lines of ``bench.train`` / ``bench.sample`` (a saved log, a results.jsonl
 with or without the prefix, or stdin) and prints one table row per result: what was measured, the
@@ -39,7 +39,7 @@ class Target:
         return ", ".join(parts)
 
 
-# PERF.md, "Targets" (one H100, bf16, the reference rows' settings)
+# docs/performance.md#status (one H100, bf16, the reference rows' settings)
 TARGETS = (
     Target("train", "fractalmar_in64", 64, "67.7 img/s (act. ckpt)", min_img_per_s=270),
     Target("train", "fractalmar_base_in256", 32, "32.2 img/s", min_img_per_s=130),

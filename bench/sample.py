@@ -1,8 +1,8 @@
 """Sampling speed: seconds per image for the released sampling settings at several batch sizes.
 
 Each configuration samples with its released defaults (iterations per level, guidance scale,
-temperature, linear schedule; SPEC, Sampling) unless overridden, random weights (speed does not
-depend on them), bf16 autocast on GPUs.
+temperature, linear schedule; docs/model.md#released-sampling-settings) unless overridden, random
+weights (speed does not depend on them), bf16 autocast on GPUs.
 
     python -m bench.sample --configs fractalmar_in64 --batches 32,128
     python -m bench.sample --configs fractalmar_base_in256 --batches 32 --num-iters 64,16,16

@@ -5,7 +5,7 @@ Engines:
 - ``deepspeed``: one process through ``fractalgen.platform.engine.setup_engine`` (the training
   workers' DeepSpeed engine: ZeRO stage, AdamW groups, schedule, clipping);
 - ``ray``: the same DeepSpeed loop inside a Ray Train ``TorchTrainer`` worker (one GPU), to show
-  the cost of the Ray + DeepSpeed path against ``plain`` (PERF target: within 5%).
+  the cost of the Ray + DeepSpeed path against ``plain`` (target: within 5%, docs/performance.md#status).
 
 A synthetic batch (random images and labels) isolates the model from data loading (``bench.data``
 measures that). Precision ``bf16`` is autocast without a GradScaler; ``fp32`` is the plain path.

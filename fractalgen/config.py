@@ -355,12 +355,12 @@ class RunModelConfig:
     name: str = "fractalmar_tiny16"
     # None: the dataset's class count (its summary); released models use 1000 (ImageNet)
     num_classes: int | None = None
-    # attention-probability and projection dropout (SPEC, MAR generator: 0.1 in the released training)
+    # attention-probability and projection dropout (docs/model.md#mar-level: 0.1 in the released training)
     dropout: float = 0.1
-    # probability of replacing the class embedding by the fake latent (SPEC, Level 0: 0.1)
+    # probability of replacing the class embedding by the fake latent (docs/model.md#conditions: 0.1)
     label_drop_prob: float = 0.1
-    # recompute block activations in backward (SPEC recipe: gradient checkpointing; PERF: needed at
-    # micro-batch 64 on 80 GB)
+    # recompute block activations in backward (released recipe, docs/model.md#training-recipe; needed
+    # at micro-batch 64 on 80 GB, docs/performance.md#reference-measurements)
     activation_checkpointing: bool = False
     # > 0: pad the masked patches each MAR level passes down to one of this many bucket sizes, so the
     # lower levels see fixed shapes and the selection needs no host sync (for torch.compile / CUDA
@@ -440,7 +440,7 @@ class RunDataConfig:
     local_cache: str | None = None  # shard cache per node for s3:// data; None: a fresh temporary folder
     loader_workers: int = 2  # DataLoader processes per Ray worker (decoding)
     shuffle: bool = True
-    flip: bool = True  # random horizontal flip (SPEC recipe)
+    flip: bool = True  # random horizontal flip (docs/model.md#training-recipe)
     # record the source key of every sample trained on, per step and worker, in each checkpoint
     # (audits "no sample repeated or skipped" across restarts; small cost, off for production)
     record_samples: bool = False
@@ -452,16 +452,17 @@ class RunDataConfig:
 
 @dataclass(kw_only=True)
 class RunTrainConfig:
-    """Optimisation (SPEC, Released training recipe) and the DeepSpeed engine."""
+    """Optimisation (released recipe: docs/model.md#training-recipe) and the DeepSpeed engine."""
 
-    global_batch_size: int = 1024  # images per optimizer step over all workers (SPEC: 2048 / 1024)
+    # images per optimizer step over all workers (released: 2048 at 64x64, 1024 at 256x256)
+    global_batch_size: int = 1024
     micro_batch_per_gpu: int = 32  # images per forward/backward on one worker
-    epochs: float = 800.0  # SPEC: 800 (Huge: 600)
+    epochs: float = 800.0  # released: 800 (Huge: 600)
     warmup_epochs: float = 40.0  # linear warm-up, then cosine to min_lr, adjusted every step
-    # learning rate per 256 images: lr = base_lr * global_batch_size / 256 (SPEC: 5e-5)
+    # learning rate per 256 images: lr = base_lr * global_batch_size / 256 (released: 5e-5)
     base_lr: float = 5e-5
     min_lr: float = 0.0
-    weight_decay: float = 0.05  # not applied to biases and 1-D parameters (SPEC)
+    weight_decay: float = 0.05  # not applied to biases and 1-D parameters (as released)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 3.0  # global gradient-norm clipping; 0 disables
     zero_stage: Literal[0, 1, 2, 3] = 2
@@ -634,5 +635,5 @@ class TrainRunConfig:
 
     @property
     def lr(self) -> float:
-        """Peak learning rate: ``base_lr`` scaled linearly with the global batch (SPEC recipe)."""
+        """Peak learning rate: ``base_lr`` x global batch / 256 (docs/model.md#training-recipe)."""
         return self.train.base_lr * self.train.global_batch_size / 256

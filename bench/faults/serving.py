@@ -143,7 +143,6 @@ def served_model(work: Path, name: str = "fractalgen-serving-faults") -> Iterato
 
     The MLflow store is SQLite under ``work``; the server is stopped (its whole process group) on exit.
     """
-    import mlflow
     import torch
 
     from fractalgen.models import build_model, save_released
@@ -153,23 +152,7 @@ def served_model(work: Path, name: str = "fractalgen-serving-faults") -> Iterato
     tracking = f"sqlite:///{work / 'mlflow.db'}"
     torch.manual_seed(0)
     weights = save_released(build_model("fractalmar_tiny16"), work / "tiny16.pth")
-    # register_checkpoint(tracking_uri=...) alone is not enough: MLflow looks the logged model up in
-    # the default tracking store when it creates the version, so the default must be this store too
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    os.environ.update(MLFLOW_TRACKING_URI=tracking, MLFLOW_REGISTRY_URI=tracking)
-    mlflow.set_tracking_uri(tracking)
-    mlflow.set_registry_uri(tracking)
-    try:
-        version = register_checkpoint(str(weights), name, tracking_uri=tracking, grid_images=0)
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    version = register_checkpoint(str(weights), name, tracking_uri=tracking, grid_images=0)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = work / "serve.log"

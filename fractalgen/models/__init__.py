@@ -1,4 +1,4 @@
-"""FractalAR / FractalMAR: autoregressive models nested inside autoregressive models (SPEC.md).
+"""FractalAR / FractalMAR: autoregressive models nested inside autoregressive models (docs/model.md).
 
 Public entry points:
 - ``build_model(name, **overrides)``: a model of a registered size (``MODEL_CONFIGS``).

@@ -1,4 +1,4 @@
-"""AR level: a causal transformer over the patches of its input in raster order (SPEC, AR generator).
+"""AR level: a causal transformer over the patches of its input in raster order (docs/model.md#ar-level).
 
 LlamaGen-style blocks with 2-D RoPE. Sequence ``[cond, patch_0, ..., patch_{L-1}]``; the output at
 position s conditions patch s (teacher forcing), so every patch goes down to the next level.

@@ -1,7 +1,7 @@
 """The contract between levels.
 
 A level hands the next one, for every patch it passes down, a set of condition vectors:
-- MAR levels: five, ``[middle, top, right, bottom, left]`` (SPEC, MAR generator): the transformer
+- MAR levels: five, ``[middle, top, right, bottom, left]`` (docs/model.md#conditions): the transformer
   output at the patch's own position and the middle outputs of its four neighbours (zeros at the
   border);
 - AR levels: one, the output that predicts the patch (teacher forcing);
@@ -65,7 +65,7 @@ class Conditions:
 
 @dataclass(frozen=True)
 class SampleSettings:
-    """Sampling knobs shared by every level (SPEC, Sampling).
+    """Sampling knobs shared by every level (docs/model.md#sampling).
 
     ``guided``: the batch is doubled, conditional half first and unconditional half second.
     ``temperature`` multiplies the logits (released meaning: t > 1 sharpens).

@@ -1,6 +1,6 @@
 """Model sizes: the released configurations and tiny ones that run on a CPU in seconds.
 
-Terms (SPEC.md): a *level* i splits its input of side ``img_sizes[i]`` into a raster grid of
+Terms (docs/model.md#notation): a *level* i splits its input of side ``img_sizes[i]`` into a raster grid of
 ``(img_sizes[i] / img_sizes[i+1])**2`` patches of side ``img_sizes[i+1]``; the last entry of the
 width/blocks/heads lists belongs to the *pixel head*, an AR model over the 3 channels of one pixel.
 ``generators[i]`` is ``"mar"`` or ``"ar"`` for every level but the pixel head.
@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-# ImageNet normalisation (SPEC, Notation); the pixel head de-normalises with the same numbers.
+# ImageNet normalisation (docs/model.md#notation); the pixel head de-normalises with the same numbers.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -39,13 +39,16 @@ class FractalConfig:
     r_weight: float = 5.0
     grad_checkpointing: bool = False
     # levels whose blocks recompute activations in backward when grad_checkpointing is on (selective
-    # checkpointing: the lower levels hold most activations, PERF.md); empty = every level
+    # checkpointing: the lower levels hold most activations, docs/performance.md#where-the-cost-is);
+    # empty = every level
     checkpoint_levels: tuple[int, ...] = ()
     # training only, no effect on the state_dict: pad each MAR level's selection of masked patches to
     # one of ``mask_buckets`` sizes (multiples of ceil(B*L / mask_buckets)) so the lower levels see a
-    # fixed set of batch shapes and the selection needs no host sync (PERF.md); 0 = off (exact rows)
+    # fixed set of batch shapes and the selection needs no host sync (docs/performance.md); 0 = off
+    # (exact rows)
     mask_buckets: int = 0
-    # released sampling defaults (SPEC, Sampling); used when sample() is called without them
+    # released sampling defaults (docs/model.md#released-sampling-settings); used when sample() is
+    # called without them
     sample_iters: tuple[int, ...] = ()
     sample_cfg: float = 1.0
     sample_temperature: float = 1.0
@@ -122,7 +125,7 @@ def _released(**kw: object) -> FractalConfig:
 
 
 MODEL_CONFIGS: dict[str, FractalConfig] = {
-    # --- released (SPEC, Configurations) ---
+    # --- released (docs/model.md#configurations) ---
     "fractalar_in64": _released(
         img_sizes=(64, 4, 1), widths=(1024, 512, 128), blocks=(32, 8, 3), heads=(16, 8, 4),
         generators=("ar", "ar"), num_conds=1, guiding_pixel=False,

@@ -1,11 +1,11 @@
-"""FractalGen: the recursion of levels (paper section 4, SPEC.md).
+"""FractalGen: the recursion of levels (docs/model.md#levels; the paper's section 4).
 
 ``FractalGen(config, level)`` holds ``generator`` (a MAR or AR level) and ``next_fractal`` (the next
 ``FractalGen``, or the pixel head after the last level), so parameter names match the released
 checkpoints (``generator.*``, ``next_fractal.generator.*``, ..., ``next_fractal...r_codebook``).
 Level 0 also owns the class embedding and ``fake_latent`` (the unconditional / dropped-label latent).
 
-Losses: the training loss is the pixel-head loss plus every guiding-pixel loss (SPEC, Guiding pixel).
+Losses: the training loss is the pixel-head loss plus every guiding-pixel loss (docs/model.md#loss-and-nll).
 In evaluation mode each term is the mean of the three channel cross-entropies, so
 ``nll_bpd = sum(terms) / ln 2``.
 """
@@ -145,7 +145,7 @@ class FractalGen(nn.Module):
                 mm = None if m is None else m.reshape(-1)
                 return head.sample(c, w, settings, kk, mm).view(-1, 3, 1, 1)
         else:
-            # lower levels get the guidance scale of this step as a constant (SPEC, Sampling)
+            # lower levels get the guidance scale of this step as a constant (docs/model.md#guidance)
             next_level = partial(
                 head._sample_level, num_iters=num_iters, cfg_schedule="constant", settings=settings
             )

@@ -58,7 +58,8 @@ class KVCache:
         return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
 
-# CUDA's flash / memory-efficient SDPA kernels fail once batch x heads passes the grid limit (PERF.md),
+# CUDA's flash / memory-efficient SDPA kernels fail once batch x heads passes the grid limit (torch 2.11,
+# H100: docs/performance.md#where-the-cost-is),
 # which the lower levels reach at training batch sizes (~170,000 pixel-head sequences per 64 images).
 _SDPA_MAX_BATCH_HEADS = 65535
 _DEFAULT_IMPL = ["auto"]

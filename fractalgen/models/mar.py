@@ -1,4 +1,4 @@
-"""MAR level: a bidirectional transformer over the patches of its input, in random order (SPEC, MAR).
+"""MAR level: a bidirectional transformer over its input's patches in random order (docs/model.md#mar-level).
 
 Token sequence: ``[guiding pixel (if used), cond_4, ..., cond_0, patch_0 ... patch_{L-1}]``; masked
 patches are replaced by ``mask_token``. Training masks a truncated-normal fraction of each image's
@@ -26,7 +26,7 @@ NextLevel = Callable[[Conditions, Tensor, Tensor | None, Tensor | None], Tensor]
 # called after each generation step with the canvas so far (n, 3, S, S) and the done patches (n, L)
 StepHook = Callable[[Tensor, Tensor], None]
 
-# masking-rate distribution: truncated normal, mean 1.0, std 0.25, bounds -4 and 0 std (SPEC)
+# masking-rate distribution: truncated normal, mean 1.0, std 0.25, bounds -4 and 0 std (docs/model.md#masking)
 _MASK_MEAN, _MASK_STD, _MASK_LO, _MASK_HI = 1.0, 0.25, -4.0, 0.0
 
 

@@ -1,6 +1,6 @@
 """Patch bookkeeping shared by the levels.
 
-A patch is flattened channel-first (SPEC, Notation): vector index = c*p*p + y*p + x; grid positions
+A patch is flattened channel-first (docs/model.md#notation): vector index = c*p*p + y*p + x; grid positions
 are raster order. Known-pixel masks (inpainting) are (B, S, S) booleans, True where a pixel is given.
 """
 
@@ -36,7 +36,7 @@ def neighbour_conditions(middle: Tensor) -> Tensor:
     """Five conditions per position from the middle outputs (B, L, D) on a square grid.
 
     Returns (B, L, 5, D): [middle, top, right, bottom, left], each neighbour being the middle output
-    of the adjacent grid position in that direction, zeros beyond the border (SPEC, MAR generator).
+    of the adjacent grid position in that direction, zeros beyond the border (docs/model.md#conditions).
     """
     B, L, D = middle.shape
     g = int(round(L**0.5))

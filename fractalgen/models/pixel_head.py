@@ -1,6 +1,6 @@
 """The pixel head: the last level, an AR transformer over the R, G, B values of one pixel.
 
-Sequence ``[cond, R, G, B]`` (SPEC, Pixel head): output 0 predicts R, output 1 predicts G, output 2
+Sequence ``[cond, R, G, B]`` (docs/model.md#pixel-head): output 0 predicts R, output 1 predicts G, output 2
 predicts B, each a 256-way distribution; logits = h @ codebook^T + bias. The same module (width 128,
 3 blocks) predicts the *guiding pixel*, a patch's mean colour, at levels > 0 of the 256 models.
 
@@ -40,7 +40,7 @@ class MlmLayer(nn.Module):
 
 
 def guided_logits(cond: Tensor, uncond: Tensor, cfg: Tensor | float, filter_threshold: float) -> Tensor:
-    """Classifier-free guidance with the released low-probability filter (SPEC, Sampling).
+    """Classifier-free guidance with the released filter (docs/model.md#temperature-and-filter).
 
     Where the conditional probability of a value is below ``filter_threshold``, the unconditional
     logit is raised to ``max(l_u, l_c - max(l_c) + max(l_u))`` first; then ``l_u + cfg * (l_c - l_u)``.

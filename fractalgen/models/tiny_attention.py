@@ -1,10 +1,11 @@
 """Fused attention for huge batches of tiny sequences (Triton): the pixel head's 4 tokens.
 
 A 64x64 training micro-batch of 64 images sends about 170,000 sequences of 4 tokens through each
-pixel-head block (PERF.md). The batched-matmul ``math`` path runs five kernels per attention and
-writes the score and probability matrices to memory; this kernel reads q, k and v once per
-(sequence, head), keeps scores and softmax in registers (float32) and writes the output in the
-(B, N, H, hd) layout the output projection reads, so the transpose back is free. The backward
+pixel-head block (docs/performance.md#where-the-cost-is). The batched-matmul ``math`` path runs
+five kernels per attention and writes the score and probability matrices to memory; this kernel
+reads q, k and v once per (sequence, head), keeps scores and softmax in registers (float32) and
+writes the output in the (B, N, H, hd) layout the output projection reads, so the transpose back is
+free. The backward
 kernel recomputes the probabilities from the saved log-sum-exp (as flash attention does).
 
 Each program handles ``GB`` (sequence, head) pairs; the key loop is unrolled over the N <= 16

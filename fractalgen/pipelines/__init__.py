@@ -5,7 +5,7 @@ Terms:
   its labels), an ImageNet tar archive, or Parquet files with an image-bytes and a label column.
 - *class index*: position of a class in ``class_names``; for ImageNet the sorted wnid order that
   the released models use.
-- *ADM centre crop*: SPEC "Released training recipe": halve with a BOX filter while the short side
+- *ADM centre crop* (docs/model.md#training-recipe): halve with a BOX filter while the short side
   is >= 2x the target, bicubic-resize the short side to the target, centre crop (``crop.py``).
 - *dataset* (prepared): a folder or ``s3://`` prefix holding MDS shards (mosaicml-streaming) in
   ``part-NNNNN/`` sub-folders, ``summary.json`` / ``summary.parquet`` / ``skipped.parquet``, and the

@@ -1,4 +1,4 @@
-"""The ADM centre crop (SPEC, "Released training recipe"), done once at preparation time.
+"""The ADM centre crop (docs/model.md#training-recipe), done once at preparation time.
 
 ``center_crop_arr`` is guided-diffusion's function of the same name, which the released FractalGen
 training code applies to every ImageNet image: while the short side is at least twice the target,

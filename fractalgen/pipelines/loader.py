@@ -22,11 +22,11 @@ Terms:
   node share it (streaming coordinates them through shared memory); a fresh temporary folder is
   made when ``local_cache`` is None and removed when the process exits.
 
-Images are normalised with ``fractalgen.models.configs.IMAGENET_MEAN/IMAGENET_STD`` (SPEC,
-Notation): ``x = (pixel / 255 - mean) / std``; the random horizontal flip of the released recipe is
-a deterministic function of (``seed``, epoch, sample id), so a resumed run flips as the original
-would. Decoding and flipping happen in DataLoader workers on uint8; normalisation in the main process
-on whole batches.
+Images are normalised with ``fractalgen.models.configs.IMAGENET_MEAN/IMAGENET_STD``
+(docs/model.md#notation): ``x = (pixel / 255 - mean) / std``; the random horizontal flip of the
+released recipe is a deterministic function of (``seed``, epoch, sample id), so a resumed run flips
+as the original would. Decoding and flipping happen in DataLoader workers on uint8; normalisation in
+the main process on whole batches.
 
 Distributed setup: streaming reads the rank layout only from the ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` environment variables (Ray Train's torch backend and
@@ -302,7 +302,7 @@ def build_loader(
             dataset gets a sub-folder, so train and eval loaders may share it); None makes a fresh
             temporary one (removed at exit).
         shuffle, seed: shuffle samples (streaming's py1e), seeded; ``seed`` also seeds the flip.
-        flip: random horizontal flip (SPEC training recipe).
+        flip: random horizontal flip (docs/model.md#training-recipe).
         num_workers: DataLoader worker processes (decoding happens there).
         epoch_size: samples per epoch over all ranks (None: the dataset size).
         drop_last: drop a last partial batch.

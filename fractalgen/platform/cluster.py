@@ -15,8 +15,9 @@ Terms:
 - *epoch*: ``num_images // global_batch_size`` steps (as ``fractalgen train`` counts them); the
   dataset size comes from ``--num-images``, else the dataset summary at ``data.train_uri``.
 - *step time*: seconds per step on the cluster: ``--step-time``, else ``accum`` x the seconds per
-  micro-step on one GPU from ``REFERENCE_STEPS`` (PERF.md's *reference* measurements of the
-  released code on one H100, clearly not this platform's own speed), scaled when the exact setting
+  micro-step on one GPU from ``REFERENCE_STEPS`` (the *reference* measurements of the released
+  code on one H100 in docs/performance.md#reference-measurements, clearly not this platform's own
+  speed), scaled when the exact setting
   was not measured (the source is printed), divided by ``--efficiency`` (data-parallel scaling;
   communication is not modelled, default 1.0).
 - *GPU-hours*: GPUs x wall-clock hours.
@@ -54,13 +55,14 @@ Activations per micro-batch of b images, derived from the level configs (``fract
   recomputes one block at a time, so the peak is ``b x max_l (sum of saved_k for k <= l, top
   level first, + (n_l F when checkpointing))``. ``precision: fp32`` doubles it (rough).
 
-Calibration: with these constants the formula reproduces PERF.md's measured peaks of the released
-code (fp16 autocast + GradScaler, AdamW, one H100: model states 16 Psi + 2 Psi autocast copies, as
+Calibration: with these constants the formula reproduces the measured peaks of the released code
+(docs/performance.md#reference-measurements: fp16 autocast + GradScaler, AdamW, one H100; model
+states 16 Psi + 2 Psi autocast copies, as
 ``--weights fp32`` at stage 0) to within 6%: fractalmar_in64 b=8 no checkpointing 20.5 GiB
 (measured 19.6), b=64 checkpointing 25.8 (27.2); fractalar_in64 b=8 21.0 (21.9);
 fractalmar_base_in256 b=32 checkpointing 46.6 (47.1); fractalmar_large_in256 b=32 checkpointing
 58.9 (57.4); and it puts fractalmar_huge_in256 b=32 (75.3) and fractalmar_in64 b=64 without
-checkpointing (106) over the limit, where PERF measured out of memory. This platform's kernels
+checkpointing (106) over the limit, where the reference ran out of memory. This platform's kernels
 (SDPA/flash at the top level, bf16) need less, so the estimate is conservative for it. A shape fits
 when the estimate is at most ``(1 - headroom)`` x GPU memory (default headroom 8%: CUDA context,
 allocator fragmentation, the calibration's error).
@@ -96,7 +98,7 @@ _OUTSIDE_BLOCKS_BYTES_PER_DIM = 26
 _LOGIT_COPIES = 2  # fp32 pixel-head logits kept for the cross-entropy backward
 _CONSTANT_GIB = 1.0
 _MASK_MEAN, _MASK_STD, _MASK_LO_STD = 1.0, 0.25, -4.0  # fractalgen.models.mar: r ~ TN(1, .25) on [0, 1]
-H100_DENSE_BF16_TFLOPS = 790.0  # PERF.md, "The limit": dense bf16 matrix work of one H100
+H100_DENSE_BF16_TFLOPS = 790.0  # dense bf16 matrix work of one H100 (docs/performance.md#the-limit)
 
 Weights = Literal["fp32", "bf16"]
 
@@ -130,7 +132,7 @@ class MeasuredStep:
     seconds: float
 
 
-# PERF.md, "Reference measured on one H100 80GB HBM3": the public release's code (fp16 autocast +
+# docs/performance.md#reference-measurements (one H100 80GB HBM3): the public release's code (fp16 autocast +
 # GradScaler, AdamW), NOT this platform's speed; defaults until `bench/` measures ours (--step-time).
 REFERENCE_STEPS: tuple[MeasuredStep, ...] = (
     MeasuredStep("fractalmar_in64", 8, False, 0.244),
@@ -139,7 +141,7 @@ REFERENCE_STEPS: tuple[MeasuredStep, ...] = (
     MeasuredStep("fractalmar_base_in256", 32, True, 0.996),
     MeasuredStep("fractalmar_large_in256", 32, True, 1.477),
 )
-REFERENCE_SOURCE = "PERF.md reference (released code, fp16, one H100)"
+REFERENCE_SOURCE = "docs/performance.md reference (released code, fp16, one H100)"
 # full recomputation repeats the forward: about 4/3 of the work of forward + backward
 _RECOMPUTE_FACTOR = 4.0 / 3.0
 # the ImageNet-1k training set, used when the dataset summary cannot be read and the model has 1000 classes
@@ -580,7 +582,9 @@ def make_plan(
         step_source += f"; x {accum} micro-steps" + (
             f" / efficiency {efficiency:g}" if efficiency != 1 else ""
         )
-        notes.append("step time from PERF.md's reference measurements (released code), not this platform's")
+        notes.append(
+            "step time from the released code's reference measurements (docs/performance.md), not this platform's"
+        )
     images_per_s = t.global_batch_size / step_s
     epoch_h = steps_per_epoch * step_s / 3600.0
     total_h = total_steps * step_s / 3600.0
@@ -767,7 +771,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="GPUs, global batch, steps per epoch, time and GPU-hours, memory per GPU per ZeRO stage",
         description=(
             "For a recipe and a cluster shape: GPUs, the global batch and its split, steps per epoch, expected "
-            "time per epoch and GPU-hours (from --step-time or PERF.md's reference measurements, labelled), and "
+            "time per epoch and GPU-hours (from --step-time or the released code's reference measurements in "
+            "docs/performance.md, labelled), and "
             "memory per GPU for each ZeRO stage. Refuses shapes that cannot run: a global batch that does not "
             "split over micro-batch x GPUs, the recipe's ZeRO stage over the GPU memory, offload over host "
             "memory. The memory model is documented in fractalgen/platform/cluster.py."
@@ -800,7 +805,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--step-time",
         type=finite_float,
         default=None,
-        help="measured seconds per optimizer step on this shape (default: from PERF.md's reference table)",
+        help="measured seconds per optimizer step on this shape (default: docs/performance.md's reference table)",
     )
     plan.add_argument(
         "--efficiency",

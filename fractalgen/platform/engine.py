@@ -3,14 +3,15 @@
 Terms:
 - *step*: one optimizer update (``global_batch_size`` images over all workers); DeepSpeed counts
   micro-batches and steps the optimizer and the schedule at each gradient-accumulation boundary.
-- *peak lr*: ``base_lr * global_batch_size / 256`` (SPEC, Released training recipe).
+- *peak lr*: ``base_lr * global_batch_size / 256`` (docs/model.md#training-recipe).
 - *schedule*: the released ``adjust_learning_rate``: linear warm-up from 0 over ``warmup_epochs``,
   then half a cosine down to ``min_lr`` at ``epochs``, evaluated every step at the fractional epoch
   ``step / steps_per_epoch`` (the released code adjusts the lr every iteration, not every epoch).
 - *precision*: ``bf16`` is torch autocast to bfloat16 with fp32 weights and fp32 master state
   (DeepSpeed ``torch_autocast``), not DeepSpeed's ``bf16`` mode, which casts the weights and so the
-  inputs: the pixel head rounds de-normalised input pixels to integer targets (SPEC, Pixel head),
-  and bfloat16 inputs would shift those targets by up to a level. PERF's "cheap fixes" measured the
+  inputs: the pixel head rounds de-normalised input pixels to integer targets
+  (docs/model.md#pixel-head), and bfloat16 inputs would shift those targets by up to a level. The
+  run-time patches measured on the reference (docs/performance.md#reference-measurements) made the
   same choice (bf16 autocast, no GradScaler).
 
 ``import deepspeed`` happens inside the functions: Ray workers import it, the driver never does.
@@ -40,8 +41,8 @@ def deepspeed_config(cfg: TrainRunConfig, *, use_gpu: bool) -> dict[str, Any]:
             reduce_bucket_size=50_000_000,
         )
     if t.zero_stage == 3:
-        # gather whole 16-bit weights on save so sampling / export need no shard surgery (DESIGN:
-        # "ZeRO-3 checkpoints are shards: gather 16-bit weights on save or consolidate")
+        # ZeRO-3 checkpoints are shards: gather whole 16-bit weights on save so sampling / export
+        # need no shard surgery
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}

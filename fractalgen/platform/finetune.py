@@ -6,7 +6,7 @@ Terms:
   output), a registered version (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``) or a training
   checkpoint / run folder (its consolidated weights).
 - *class map* (``finetune.class_map``): new class -> source class, for the rows of the class
-  embedding (SPEC, Level 0). New classes are names of the dataset's classes or indices; source
+  embedding (docs/model.md#conditions). New classes are names of the dataset's classes or indices; source
   classes are indices (ImageNet: the sorted-wnid order of the released models) or names the source
   model carries. Rows without an entry keep their fresh initialisation.
 - *init report* (``init_report.json`` in the run folder, and ``finetune/init_report.json`` in the

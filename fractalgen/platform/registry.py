@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fractalgen.platform.cli import CLIError
+from fractalgen.platform.tracking import use_tracking_uri
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -292,10 +293,9 @@ def register_checkpoint(
         run_tags = {"fractalgen.registered_model": name, TAG_SOURCE: checkpoint}
         if training_run_id:
             run_tags["mlflow.parentRunId"] = training_run_id
-        previous_uri = mlflow.get_tracking_uri()
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-        try:
+        # MLflow's own calls below (start_run, log_model, and the registry store's look-up of the
+        # logged model inside create_model_version) use the process-wide tracking URI, not ``c``'s
+        with use_tracking_uri(tracking_uri):
             with mlflow.start_run(
                 experiment_id=experiment_id, run_name=f"register-{name}", tags=run_tags
             ) as run:
@@ -342,32 +342,32 @@ def register_checkpoint(
                          "settings": settings.resolved(model.config).to_tags()}, "registry/grid.json",
                     )  # fmt: skip
                 run_id = run.info.run_id
-        finally:
-            mlflow.set_tracking_uri(previous_uri)
-        version_tags = {
-            TAG_ARCH: arch,
-            TAG_SOURCE: checkpoint,
-            TAG_SOURCE_KIND: source_kind or source.kind,
-            **({TAG_TRAINING_RUN: training_run_id} if training_run_id else {}),
-            **({TAG_GRID: grid_path} if grid_path else {}),
-            **{f"{METRIC_PREFIX}{k}": _fmt(v) for k, v in (metrics or {}).items()},
-            **dict(tags or {}),
-        }
-        try:
-            c.get_registered_model(name)
-        except Exception:
-            c.create_registered_model(name, description="FractalGen image generator (fractalgen registry)")
-        mv = c.create_model_version(
-            name,
-            info.model_uri,
-            run_id=run_id,
-            tags=version_tags,
-            description=description,
-            model_id=info.model_id,
-        )
-        mv = _wait_ready(c, name, mv.version)
-        for alias in aliases:
-            c.set_registered_model_alias(name, alias, mv.version)
+            version_tags = {
+                TAG_ARCH: arch,
+                TAG_SOURCE: checkpoint,
+                TAG_SOURCE_KIND: source_kind or source.kind,
+                **({TAG_TRAINING_RUN: training_run_id} if training_run_id else {}),
+                **({TAG_GRID: grid_path} if grid_path else {}),
+                **{f"{METRIC_PREFIX}{k}": _fmt(v) for k, v in (metrics or {}).items()},
+                **dict(tags or {}),
+            }
+            try:
+                c.get_registered_model(name)
+            except Exception:
+                c.create_registered_model(
+                    name, description="FractalGen image generator (fractalgen registry)"
+                )
+            mv = c.create_model_version(
+                name,
+                info.model_uri,
+                run_id=run_id,
+                tags=version_tags,
+                description=description,
+                model_id=info.model_id,
+            )
+            mv = _wait_ready(c, name, mv.version)
+            for alias in aliases:
+                c.set_registered_model_alias(name, alias, mv.version)
     log.info("registered %s version %s from %s", name, mv.version, checkpoint)
     return RegisteredVersion(name, str(mv.version), run_id, f"models:/{name}/{mv.version}")
 

@@ -4,7 +4,7 @@ Writes one PNG per image (``00000_class3.png``), a grid (``grid.png``) and ``sam
 source, labels and resolved sampling settings). ``--animate`` also writes ``generation.gif``: the
 generation process pixel by pixel, as in the paper's figures. ``--input`` with ``--mask`` or
 ``--region`` keeps the given pixels and generates the rest (inpainting, outpainting, uncropping,
-class-conditional editing; paper section 5.3).
+class-conditional editing; docs/model.md#conditional-prediction, the paper's section 5.3).
 
 Terms:
 - *sampling settings*: see ``fractalgen.platform.evaluation.generate.SamplingSettings``. Flags not

@@ -304,7 +304,7 @@ def build_trainer(plan: WorkerPlan) -> Any:
     storage_path = cfg.checkpoint.storage_path
     filesystem = None
     if storage.is_remote(storage_path):
-        # pass the endpoint explicitly: pyarrow has ignored AWS_ENDPOINT_URL_S3 in some versions (DESIGN)
+        # pass the endpoint explicitly: pyarrow has ignored AWS_ENDPOINT_URL_S3 in some versions
         filesystem, storage_path = storage.pyarrow_filesystem(storage_path, endpoint=plan.storage_endpoint)
     resources = {"CPU": float(c.cpus_per_worker)}
     if use_gpu:

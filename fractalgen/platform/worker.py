@@ -6,7 +6,8 @@ rank 0 -> MLflow.
 
 Terms:
 - *plan* (``WorkerPlan``): the resolved config plus what the driver derived from it (dataset size,
-  steps per epoch, MLflow run id). It is the only thing a worker receives (DESIGN, convention 8).
+  steps per epoch, MLflow run id). It is the only thing a worker receives (nothing reaches a worker
+  as a module global).
 - *run state* (``RunState``, ``state.json``): step, images seen, the loader position, the best
   loss, the steps this run restarted from, and the logged history.
 - *checkpoint folder* ``<storage_path>/<name>/checkpoint_<step>`` (every rank adds its own files;
@@ -23,7 +24,7 @@ Determinism: the torch RNG is re-seeded before every micro-batch from (seed, ran
 and the loader's order and flips are functions of (seed, epoch, sample), so a resumed run computes
 bit for bit what the uninterrupted run would have (same loss at the next step).
 
-Host syncs (DESIGN, convention 12): the loss and a non-finite flag accumulate on the device; they
+Host syncs (none per step): the loss and a non-finite flag accumulate on the device; they
 are reduced over workers and read on the host only every ``train.log_every_steps`` steps and before
 every checkpoint, so a checkpoint never holds weights updated with a non-finite loss.
 """
@@ -461,7 +462,8 @@ class _Evaluator:
                 local_world_size=1,
             )
         total, n = 0.0, 0
-        passes = 10 if "mar" in self.model.config.generators else 1  # SPEC: 10 passes for MAR
+        # 10 passes for models with a MAR level, 1 for AR (docs/model.md#loss-and-nll)
+        passes = 10 if "mar" in self.model.config.generators else 1
         for images, _labels in self.eval_loader:
             total += float(self.model.nll_bpd(images.to(self.device), num_passes=passes))
             n += 1
@@ -518,7 +520,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     plan = from_dict(WorkerPlan, loop_config)
     cfg = plan.config
     use_gpu = cfg.cluster.gpus_per_worker > 0
-    # DeepSpeed picks its accelerator at import; CPU runs must say so before the import (DESIGN)
+    # DeepSpeed picks its accelerator at import; CPU runs must say so before the import
     os.environ["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"
 
     import ray.train
@@ -684,7 +686,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "step": state.step,
             "epoch": epoch,
             "loss": mean_loss,
-            # training loss in bits: the released loss weights the red channel (SPEC, Pixel head),
+            # training loss in bits: the released loss weights the red channel (docs/model.md#loss-and-nll),
             # so this tracks but is not the NLL; eval_bpd is
             "bpd": mean_loss / math.log(2),
             "lr": lr,

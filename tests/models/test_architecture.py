@@ -20,8 +20,8 @@ REFERENCE = next(
     _ROOT.parent / "shared" / "reference",
 )
 
-# SPEC, Configurations: total parameters in millions
-SPEC_PARAMS_M = {
+# docs/model.md#configurations: total parameters in millions (those of the released checkpoints)
+RELEASED_PARAMS_M = {
     "fractalar_in64": 442.1,
     "fractalmar_in64": 432.0,
     "fractalmar_base_in256": 186.3,
@@ -53,7 +53,7 @@ def test_state_dict_matches_release(name: str) -> None:
     assert {k: v for k, v in mine.items() if ref[k] != v} == {}, "shape mismatch"
     assert list(mine) == list(ref), "same order as the release"
     total = sum(v.numel() for v in model.state_dict().values())
-    assert round(total / 1e6, 1) == SPEC_PARAMS_M[name]
+    assert round(total / 1e6, 1) == RELEASED_PARAMS_M[name]
 
 
 @pytest.mark.parametrize(

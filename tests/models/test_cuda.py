@@ -41,8 +41,9 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) 
 
 @pytest.mark.parametrize(("D", "dtype"), [(16, torch.bfloat16), (32, torch.float32)])
 def test_fused_kernel_at_pixel_head_training_scale(D: int, dtype: torch.dtype) -> None:
-    """170,000 sequences of 4 tokens x 4 heads (a 64x64 micro-batch of 64, PERF.md): 680,000
-    (sequence, head) pairs, ten times SDPA's grid limit. Output and gradients against float64."""
+    """170,000 sequences of 4 tokens x 4 heads (a 64x64 micro-batch of 64,
+    docs/performance.md#where-the-cost-is): 680,000 (sequence, head) pairs, ten times SDPA's grid limit.
+    Output and gradients against float64."""
     assert not tiny_attention.available(torch.empty(0)), "run with TRITON_INTERPRET=0"
     torch.manual_seed(0)
     B, H, N = 170_000, 4, 4

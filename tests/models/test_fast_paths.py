@@ -1,4 +1,4 @@
-"""The fast paths compute what the plain paths compute (PERF.md levers, issue 7).
+"""The fast paths compute what the plain paths compute (docs/performance.md levers, issue 7).
 
 - short-sequence ``math`` attention (the GPU path for huge batches of tiny sequences) vs SDPA;
 - bf16 autocast vs float32 (within bf16 tolerance), same masks;

@@ -234,7 +234,7 @@ def test_evaluation_is_unconditional_and_training_drops_labels() -> None:
 
 
 def _hand_mar_sequence(level: MARLevel, patches: torch.Tensor, mask: torch.Tensor, conds: Conditions):
-    """SPEC, MAR generator, by hand in float64: [guiding pixel, cond_4, ..., cond_0, patches] with
+    """docs/model.md#mar-level, by hand in float64: [guiding pixel, cond_4, ..., cond_0, patches] with
     masked patches replaced by mask_token, + pos_embed, LayerNorm, pre-norm ViT blocks, final norm."""
 
     def lin(x: torch.Tensor, m: torch.nn.Linear) -> torch.Tensor:
@@ -294,8 +294,8 @@ def test_mar_predict_matches_hand_built_sequence(name: str) -> None:
 
 
 def test_nll_mask_is_one_uniform_count_per_batch() -> None:
-    """SPEC: NLL evaluation masks one count m ~ U{1..L} for the whole batch, the first m positions of
-    each image's own random order (training draws a count per image)."""
+    """docs/model.md#masking: NLL evaluation masks one count m ~ U{1..L} for the whole batch, the
+    first m positions of each image's own random order (training draws a count per image)."""
     model = build_model("fractalmar_tiny16")
     top, low = model.generator, model.next_fractal.generator
     seen: dict[str, list[torch.Tensor]] = {"top": [], "low": []}

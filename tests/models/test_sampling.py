@@ -16,7 +16,7 @@ from fractalgen.models.pixel_head import PixelHead, guided_logits
 
 
 def numpy_cfg(lc: np.ndarray, lu: np.ndarray, w: float, thr: float) -> np.ndarray:
-    """SPEC, Sampling: raise l_u where p_c < thr, then l_u + w (l_c - l_u); float64."""
+    """docs/model.md#temperature-and-filter: raise l_u where p_c < thr, then l_u + w (l_c - l_u); float64."""
     pc = np.exp(lc - lc.max(-1, keepdims=True))
     pc /= pc.sum(-1, keepdims=True)
     lifted = np.maximum(lu, lc - lc.max(-1, keepdims=True) + lu.max(-1, keepdims=True))
@@ -226,8 +226,8 @@ def test_generation_conditions_on_known_pixels(name: str, overrides: dict, kind:
 
 @pytest.mark.parametrize("schedule", ["linear", "constant"])
 def test_ar_guidance_schedule_and_constant_lower_levels(schedule: str) -> None:
-    """SPEC: AR step s of L gets w_s = 1 + (w - 1)(s + 1)/L under "linear" (w under "constant");
-    the lower levels receive w_s as a constant."""
+    """docs/model.md#guidance: AR step s of L gets w_s = 1 + (w - 1)(s + 1)/L under "linear" (w under
+    "constant"); the lower levels receive w_s as a constant."""
     model = build_model("fractalar_tiny16", img_sizes=(8, 2, 1))  # top L = 16, level 1 L = 4
     L, L1, w = model.config.seq_len(0), model.config.seq_len(1), 3.5
     level1, head = model.next_fractal.generator, model.next_fractal.next_fractal

@@ -58,7 +58,8 @@ def png16_bytes(arr: np.ndarray) -> bytes:
 
 
 def reference_crop(data: bytes, size: int) -> np.ndarray:
-    """ADM centre crop written from the SPEC text with PIL operations only (independent of the package)."""
+    """ADM centre crop written from docs/model.md#training-recipe with PIL operations only
+    (independent of the package)."""
     img = Image.open(io.BytesIO(data))
     img = img.convert("RGB")
     while min(img.width, img.height) >= 2 * size:

@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 from pipelines_helpers import read_dataset
 
-from fractalgen.pipelines.embedded import PHOTOGRAPHS, build_embedded_dataset, embedded_class_names
+from fractalgen.pipelines.embedded import (
+    DEMO_CLASSES,
+    PHOTOGRAPHS,
+    build_embedded_dataset,
+    embedded_class_names,
+)
 from fractalgen.pipelines.loader import build_loader
 from fractalgen.pipelines.summary import read_summary
 
@@ -57,3 +62,19 @@ def test_embedded_size_32_for_the_demo(tmp_path: Path) -> None:
     summary = build_embedded_dataset(str(tmp_path / "demo"), size=32, images_per_class=4, num_classes=3)
     assert summary["image_size"] == 32 and summary["num_images"] == 12 and summary["num_classes"] == 3
     assert {image.shape for _, image in read_dataset(str(tmp_path / "demo")).values()} == {(32, 32, 3)}
+
+
+def test_embedded_demo_classes(tmp_path: Path) -> None:
+    """``classes`` picks photographs by name (index order: sorted); the demo's 8 are distinct."""
+    out = str(tmp_path / "demo-classes")
+    summary = build_embedded_dataset(out, size=16, images_per_class=4, classes=DEMO_CLASSES)
+    assert summary["class_names"] == sorted(DEMO_CLASSES) and summary["num_classes"] == 8
+    assert summary["num_images"] == 32 and summary["embedded"]["classes"] == sorted(DEMO_CLASSES)
+    labels = {label for label, _ in read_dataset(out).values()}
+    assert labels == set(range(8))
+    # another selection over the same folder rebuilds it; an unknown name is refused
+    assert build_embedded_dataset(out, size=16, images_per_class=4, classes=["rocket"])["class_names"] == [
+        "rocket"
+    ]
+    with pytest.raises(ValueError, match="classes must be distinct names"):
+        build_embedded_dataset(str(tmp_path / "bad"), size=16, classes=["rocket", "no-such-photo"])

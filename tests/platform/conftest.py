@@ -60,20 +60,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def mlflow_env(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """``mlflow_server`` with ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` set for this test."""
-    import mlflow
+    """``mlflow_server`` as MLflow's tracking and registry URI (and ``MLFLOW_TRACKING_URI`` /
+    ``MLFLOW_REGISTRY_URI``) for this test; everything as before afterwards."""
+    from fractalgen.platform.tracking import use_tracking_uri
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server)
     monkeypatch.setenv("MLFLOW_ENABLE_TELEMETRY", "false")
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(mlflow_server)
-    mlflow.set_registry_uri(mlflow_server)
-    try:
+    with use_tracking_uri(mlflow_server, registry=True):
         yield mlflow_server
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""``fractalgen cluster plan``: its numbers against hand calculations, its memory model against PERF.md's
-measured peaks, and the shapes it must refuse."""
+"""``fractalgen cluster plan``: its numbers against hand calculations, its memory model against the measured
+peaks of the reference (docs/performance.md#reference-measurements), and the shapes it must refuse."""
 
 from __future__ import annotations
 
@@ -115,8 +115,8 @@ def test_activation_formula_by_hand() -> None:
         ("fractalmar_in64", 64, True, 27.2),
         ("fractalmar_base_in256", 32, True, 47.1),
         ("fractalmar_large_in256", 32, True, 57.4),
-        ("fractalmar_huge_in256", 32, True, None),  # PERF: out of memory
-        ("fractalmar_in64", 64, False, None),  # PERF: out of memory
+        ("fractalmar_huge_in256", 32, True, None),  # reference: out of memory
+        ("fractalmar_in64", 64, False, None),  # reference: out of memory
     ],
 )
 def test_memory_model_reproduces_perf_measurements(
@@ -142,8 +142,8 @@ def test_memory_model_reproduces_perf_measurements(
 def test_default_step_time_is_labelled_reference(capsys: pytest.CaptureFixture[str]) -> None:
     rc, p = _plan_json(capsys, "--config", LARGE, "--num-images", "1281167")
     assert rc == 0
-    assert p["step_time_s"] == pytest.approx(1.477)  # PERF.md: large, micro-batch 32, ckpt, one H100
-    assert "PERF.md reference" in p["step_time_source"]
+    assert p["step_time_s"] == pytest.approx(1.477)  # reference: large, micro-batch 32, ckpt, one H100
+    assert "docs/performance.md reference" in p["step_time_source"]
     assert p["gpus"] == 32  # the recipe's cluster.num_workers
     # the huge model was never measured: scaled from the large one by images and FLOPs
     huge = str(REPO / "configs" / "fractalmar_huge_in256.yaml")
@@ -161,7 +161,7 @@ def test_refuses_batch_that_does_not_split(capsys: pytest.CaptureFixture[str]) -
 def test_refuses_shape_that_does_not_fit_in_memory(capsys: pytest.CaptureFixture[str]) -> None:
     huge = str(REPO / "configs" / "fractalmar_huge_in256.yaml")
     argv = ["--config", huge, "--num-images", "1281167", "--set", "train.zero_stage=0"]
-    argv += ["--set", "train.micro_batch_per_gpu=32"]  # PERF: huge, micro-batch 32: out of memory
+    argv += ["--set", "train.micro_batch_per_gpu=32"]  # reference: huge, micro-batch 32: out of memory
     rc = main(["cluster", "plan", *argv])
     captured = capsys.readouterr()
     assert rc == 2

@@ -19,7 +19,7 @@ from fractalgen.platform.cli import main
 
 CONFIGS = REPO / "configs"
 RELEASED = {
-    # name: (global batch, epochs)  -- SPEC, Released training recipe
+    # name: (global batch, epochs)  -- docs/model.md#training-recipe
     "fractalar_in64": (2048, 800),
     "fractalmar_in64": (2048, 800),
     "fractalmar_base_in256": (1024, 800),

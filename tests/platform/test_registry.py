@@ -34,15 +34,12 @@ def direct_images(path: Path, seed: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def registry(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory):
     """Two versions of a fresh registered model: v1 registered, v2 imported as a released file."""
-    import mlflow
 
     from fractalgen.platform import registry as reg
     from fractalgen.platform.cli import main
+    from fractalgen.platform.tracking import use_tracking_uri
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-        previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(mlflow_server)
+    with use_tracking_uri(mlflow_server):
         root = tmp_path_factory.mktemp("registry")
         paths = []
         for seed in (1, 2):
@@ -57,10 +54,7 @@ def registry(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory):
         )
         assert code == 0
         reg.record_metrics(name, "2", {"fid": 9.25, "inception_score": 1.75})
-        try:
-            yield {"name": name, "paths": paths, "v1": v1, "uri": mlflow_server, "root": root}
-        finally:
-            mlflow.set_tracking_uri(previous)
+        yield {"name": name, "paths": paths, "v1": v1, "uri": mlflow_server, "root": root}
 
 
 def test_versions_are_registered_with_candidate_alias(registry) -> None:
@@ -167,3 +161,31 @@ def test_mlflow_models_serve_answers_with_images(registry, tmp_path: Path) -> No
     finally:
         stop_process(proc)
     np.testing.assert_array_equal(decode_images(answer), direct_images(registry["paths"][1], seed=5))
+
+
+def test_register_into_its_own_store_whatever_the_global_uri(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``register_checkpoint(tracking_uri=A)`` registers into A even while MLflow's process-wide URI
+    names another (here an unreachable) server, and leaves that URI and its variable as they were.
+    (MLflow's registry store looks the logged model up through the process-wide URI.)"""
+    import mlflow
+
+    from fractalgen.platform import registry as reg
+    from fractalgen.platform.tracking import use_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    torch.manual_seed(3)
+    weights = save_released(build_model("fractalmar_tiny16"), tmp_path / "tiny.pth")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    elsewhere = "http://127.0.0.1:9"  # nothing listens on the discard port
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a wrong call fails at once
+    with use_tracking_uri(elsewhere):
+        version = reg.register_checkpoint(str(weights), "own-store", tracking_uri=store, grid_images=0)
+        assert mlflow.get_tracking_uri() == elsewhere
+        assert os.environ["MLFLOW_TRACKING_URI"] == elsewhere
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert version.version == "1"
+    found = reg.client(store).get_model_version("own-store", "1")
+    assert found.tags["fractalgen.model"] == "fractalmar_tiny16"

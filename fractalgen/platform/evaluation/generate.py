@@ -41,7 +41,8 @@ TAG_PREFIX = "sampling."
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingSettings:
-    """Settings for ``FractalGen.sample``; ``None`` means the model's default (SPEC, Sampling)."""
+    """Settings for ``FractalGen.sample``; ``None`` means the model's released default
+    (docs/model.md#released-sampling-settings)."""
 
     num_iters: tuple[int, ...] | None = None
     cfg: float | None = None
