@@ -391,7 +391,7 @@ CKPT_FILES = (  # ZeRO-2 on 2 workers with recorded samples (fractalgen/platform
 def _checkpoint_problems(run_uri: str, endpoint: str | None) -> tuple[list[str], str | None]:
     """(problems, the checkpoint ``resolve_checkpoint`` picks). A problem: the picked checkpoint
     lacks files, or a checkpoint that readers would accept (it has ``state.json``) lacks files."""
-    from fractalgen.pipelines import storage
+    from fractalgen import storage
     from fractalgen.platform.checkpointing import CheckpointNotFound, resolve_checkpoint
 
     problems = []
@@ -416,7 +416,7 @@ def _checkpoint_problems(run_uri: str, endpoint: str | None) -> tuple[list[str],
 
 def _is_accepted(checkpoint_uri: str, endpoint: str | None) -> bool:
     """Whether fractalgen's readers take ``checkpoint_uri`` for a finished checkpoint."""
-    from fractalgen.pipelines import storage
+    from fractalgen import storage
     from fractalgen.platform import checkpointing
 
     accept = getattr(checkpointing, "is_complete", None)
@@ -427,7 +427,7 @@ def _is_accepted(checkpoint_uri: str, endpoint: str | None) -> bool:
 
 def _ledger_problem(checkpoint_uri: str, endpoint: str | None, num_images: int) -> str | None:
     """None if every step 1..TRAIN_STEPS trained 8 samples and each epoch saw every image once."""
-    from fractalgen.pipelines import storage
+    from fractalgen import storage
 
     steps: dict[int, list[str]] = {}
     for rank in (0, 1):

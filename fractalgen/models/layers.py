@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fractalgen.models import tiny_attention
+import fractalgen.models.tiny_attention as tiny_attention
 
 
 def at_least_float32(x: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ Terms:
 - *sample*: one MDS record ``{"image": uint8 HxWx3 (png), "label": int, "key": source name}``.
 
 Modules (import them directly; this package imports nothing heavy):
-- ``storage``: local-or-S3 helpers (boto3, explicit endpoints).
+- ``fractalgen.storage`` (one level down, shared with the platform): local-or-S3 helpers.
 - ``crop``: ``center_crop_arr`` and ``decode_and_crop``.
 - ``sources``: ``open_source`` for folders, tars and Parquet.
 - ``prepare``: ``prepare_dataset(source, out, *, size, workers, compression, shard_size_limit, ...)``.

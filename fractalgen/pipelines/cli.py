@@ -44,7 +44,8 @@ def _class_names_arg(value: str | None, endpoint: str | None) -> list[str] | Non
     """--classes: a prepared dataset (its class_names) or a text file with one name per line."""
     if value is None:
         return None
-    from fractalgen.pipelines import DataError, storage
+    from fractalgen import storage
+    from fractalgen.pipelines import DataError
     from fractalgen.pipelines.summary import read_summary
 
     try:
@@ -60,7 +61,8 @@ def _class_names_arg(value: str | None, endpoint: str | None) -> list[str] | Non
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from fractalgen.pipelines import DataError, storage
+    from fractalgen import storage
+    from fractalgen.pipelines import DataError
     from fractalgen.pipelines.prepare import prepare_dataset
 
     if args.size < 1:
@@ -140,7 +142,8 @@ def _print_info(info: dict[str, Any]) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from fractalgen.pipelines import DataError, storage
+    from fractalgen import storage
+    from fractalgen.pipelines import DataError
     from fractalgen.pipelines.inspect import inspect_dataset
 
     sheet = None

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from fractalgen.pipelines import DataError, storage
+from fractalgen import storage
+from fractalgen.pipelines import DataError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from fractalgen.pipelines import DataError, storage
+from fractalgen import storage
+from fractalgen.pipelines import DataError
 
 
 def read_index(uri: str, *, endpoint: str | None = None) -> dict[str, Any]:

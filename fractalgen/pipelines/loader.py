@@ -51,7 +51,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from fractalgen.pipelines import DataError, storage
+from fractalgen import storage
+from fractalgen.pipelines import DataError
 
 if TYPE_CHECKING:
     from streaming import StreamingDataLoader

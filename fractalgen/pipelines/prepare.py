@@ -58,7 +58,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fractalgen.pipelines import DataError, storage
+from fractalgen import storage
+from fractalgen.pipelines import DataError
 from fractalgen.pipelines.sources import Part, Record, open_source
 
 log = logging.getLogger(__name__)

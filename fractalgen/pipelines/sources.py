@@ -40,7 +40,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from fractalgen.pipelines import DataError, storage
+from fractalgen import storage
+from fractalgen.pipelines import DataError
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ import io
 import json
 from typing import Any
 
-from fractalgen.pipelines import DataError, storage
+from fractalgen import storage
+from fractalgen.pipelines import DataError
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_PARQUET = "summary.parquet"

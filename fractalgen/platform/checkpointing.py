@@ -51,7 +51,7 @@ class CheckpointNotFound(FileNotFoundError):
 
 def resolve_checkpoint(uri: str, *, endpoint: str | None = None) -> str:
     """``uri`` itself if it is a checkpoint, or the latest checkpoint of the run folder ``uri``."""
-    from fractalgen.pipelines import storage
+    from fractalgen import storage
 
     if storage.exists(storage.join(uri, STATE_FILE), endpoint=endpoint):
         return uri
@@ -67,7 +67,7 @@ def resolve_checkpoint(uri: str, *, endpoint: str | None = None) -> str:
 
 def fetch_checkpoint(uri: str, dest: str, *, endpoint: str | None = None) -> str:
     """A local folder holding the checkpoint: ``uri`` itself if local, else a copy under ``dest``."""
-    from fractalgen.pipelines import storage
+    from fractalgen import storage
 
     if not storage.is_remote(uri):
         return storage.local_path(uri)
@@ -354,7 +354,7 @@ def export_consolidated(
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fractalgen.pipelines import storage
+    from fractalgen import storage
 
     endpoint = storage.endpoint_url(args.s3_endpoint_url) if storage.is_remote(args.checkpoint) else None
     try:

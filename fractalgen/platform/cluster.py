@@ -467,7 +467,7 @@ class ClusterPlan:
 def _num_images(cfg: TrainRunConfig, explicit: int | None, num_classes: int) -> tuple[int, str]:
     if explicit is not None:
         return explicit, "--num-images"
-    from fractalgen.pipelines import storage
+    from fractalgen import storage
     from fractalgen.pipelines.summary import read_summary
 
     uri = cfg.data.train_uri

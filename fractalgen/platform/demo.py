@@ -45,7 +45,7 @@ def run_demo(
     registry: bool = True,
 ) -> dict[str, str]:
     """Run the demo into ``out``; returns the paths it wrote (dataset, run, weights, grid, MLflow store)."""
-    from fractalgen.pipelines import storage
+    from fractalgen import storage
     from fractalgen.pipelines.embedded import build_embedded_dataset
     from fractalgen.platform.checkpointing import export_consolidated
     from fractalgen.platform.train import describe_outcome, load_run_config, plan_run, run_training

@@ -505,7 +505,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> SweepResult:
             search_alg = OptunaSearch(seed=cfg.search.seed)
         elif num_samples > 1:
             log.info("grid search: repeating the grid %d times (search.num_samples)", num_samples)
-        from fractalgen.pipelines import storage
+        from fractalgen import storage
 
         # S3-compatible storage: pass the endpoint explicitly (pyarrow may ignore AWS_ENDPOINT_URL_S3)
         storage_fs, storage_path = (

@@ -36,8 +36,8 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from fractalgen import storage
 from fractalgen.config import TrainRunConfig, to_dict
-from fractalgen.pipelines import storage
 
 log = logging.getLogger(__name__)
 

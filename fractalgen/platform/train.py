@@ -64,7 +64,7 @@ class TrainOutcome:
 
 
 def _abs_storage(path: str) -> str:
-    from fractalgen.pipelines import storage
+    from fractalgen import storage
 
     return path if storage.is_remote(path) else os.path.abspath(storage.local_path(path))
 
@@ -91,8 +91,9 @@ def plan_run(cfg: TrainRunConfig, *, dry_run: bool = False) -> WorkerPlan:
     Does not start Ray or MLflow. Creates the local storage folder, unless ``dry_run``: then it only
     checks that the folder could be created, and writes nothing.
     """
+    from fractalgen import storage
     from fractalgen.models import MODEL_CONFIGS, get_config
-    from fractalgen.pipelines import DataError, storage
+    from fractalgen.pipelines import DataError
     from fractalgen.pipelines.summary import read_summary
 
     if cfg.model.name not in MODEL_CONFIGS:
@@ -222,8 +223,8 @@ def _check_finetune(
 
     import torch
 
+    from fractalgen import storage
     from fractalgen.models import FractalGen
-    from fractalgen.pipelines import storage
     from fractalgen.platform import tracking
     from fractalgen.platform.finetune import FinetuneError, check_source
 
@@ -296,7 +297,7 @@ def build_trainer(plan: WorkerPlan) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from fractalgen.pipelines import storage
+    from fractalgen import storage
 
     cfg = plan.config
     c = cfg.cluster
@@ -374,7 +375,7 @@ def _placement_shortfall(error: BaseException, plan: WorkerPlan) -> str | None:
 
 def run_training(cfg: TrainRunConfig, *, plan: WorkerPlan | None = None) -> TrainOutcome:
     """Check, plan and run ``cfg`` on Ray; returns the outcome or raises ``PlanError`` / ``TrainError``."""
-    from fractalgen.pipelines import storage
+    from fractalgen import storage
     from fractalgen.platform import tracking
 
     plan = plan or plan_run(cfg)

@@ -159,7 +159,7 @@ def _append_sample_log(path: str, record: dict[str, Any]) -> None:
 
 
 def _storage_fs(uri: str, endpoint: str | None):
-    from fractalgen.pipelines import storage
+    from fractalgen import storage
 
     return storage.pyarrow_filesystem(uri, endpoint=endpoint)
 
@@ -330,7 +330,7 @@ def report_and_checkpoint(
     import ray.train
     import torch.distributed as dist
 
-    from fractalgen.pipelines import storage
+    from fractalgen import storage
 
     name = checkpoint_dir_name(state.step)
     with tempfile.TemporaryDirectory(prefix="fractalgen-ckpt-") as tmp:
@@ -364,7 +364,7 @@ def report_and_checkpoint(
 
 def prune_checkpoints(plan: WorkerPlan, state: RunState) -> list[str]:
     """Rank 0: delete checkpoints other than the latest ``keep_last`` and the best. Returns deleted names."""
-    from fractalgen.pipelines import storage
+    from fractalgen import storage
 
     ck = plan.config.checkpoint
     names = sorted(
@@ -383,7 +383,7 @@ def prune_checkpoints(plan: WorkerPlan, state: RunState) -> list[str]:
 
 def write_status(plan: WorkerPlan, status: dict[str, Any]) -> None:
     """Rank 0: the outcome of the loop, read by the driver after ``fit`` (``STATUS_FILE``)."""
-    from fractalgen.pipelines import storage
+    from fractalgen import storage
 
     storage.write_json(storage.join(plan.run_uri, STATUS_FILE), status, endpoint=plan.storage_endpoint)
 
@@ -529,8 +529,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     _lean_streaming_import()
+    from fractalgen import storage
     from fractalgen.models.layers import set_attention_impl
-    from fractalgen.pipelines import storage
     from fractalgen.pipelines.loader import build_loader
     from fractalgen.platform.engine import apply_hyperparameters, full_state_dict, setup_engine
     from fractalgen.platform.finetune import freeze_levels, load_pretrained
@@ -763,7 +763,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def _record_init(plan: WorkerPlan, report: Any, frozen: list[str], tracker: Any) -> None:
     """Rank 0: the fine-tuning init report to the run folder and the MLflow run, and one line."""
-    from fractalgen.pipelines import storage
+    from fractalgen import storage
     from fractalgen.platform.finetune import INIT_REPORT_FILE, report_dict
 
     data = report_dict(report, frozen)
@@ -787,7 +787,7 @@ def _record_init(plan: WorkerPlan, report: Any, frozen: list[str], tracker: Any)
 
 
 def _latest_checkpoint_uri(plan: WorkerPlan) -> str | None:
-    from fractalgen.pipelines import storage
+    from fractalgen import storage
 
     names = [
         n

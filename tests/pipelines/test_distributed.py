@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from pipelines_helpers import WNIDS, make_folder_source, normalised, reference_crop, run_python
 
-from fractalgen.pipelines import storage
+from fractalgen import storage
 from fractalgen.pipelines.prepare import prepare_dataset
 
 RANK_SCRIPT = """

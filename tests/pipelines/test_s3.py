@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from pipelines_helpers import WNIDS, check_dataset, make_folder_source, make_images, make_train_tar
 
-from fractalgen.pipelines import DataError, storage
+from fractalgen import storage
+from fractalgen.pipelines import DataError
 from fractalgen.pipelines.prepare import prepare_dataset
 
 pytestmark = pytest.mark.s3

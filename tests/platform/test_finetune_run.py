@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from test_train_support import local_ray, tiny_config
 
+from fractalgen import storage
 from fractalgen.config import ConfigError, TrainRunConfig, load
 from fractalgen.models import build_model, load_released, save_released
-from fractalgen.pipelines import storage
 from fractalgen.platform.cli import main
 
 SIZE_32 = ["model.img_sizes=[32,4,1]", "model.widths=[64,32,16]", "model.blocks=[2,1,1]"]

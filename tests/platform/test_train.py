@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from test_train_support import local_ray, losses, read_checkpoint_files, tiny_config, tiny_dataset
 
-from fractalgen.pipelines import storage
+from fractalgen import storage
 
 pytestmark = pytest.mark.slow
 STEPS = 12

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fractalgen import storage
 from fractalgen.config import TrainRunConfig, load
-from fractalgen.pipelines import storage
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -177,7 +177,7 @@ def resolve_model_source(
         return registry.download_version(source, work, tracking_uri=tracking_uri)
     scheme = urllib.parse.urlparse(source).scheme
     if scheme == "s3":
-        from fractalgen.pipelines import storage
+        from fractalgen import storage
 
         if storage.exists(source, endpoint=endpoint) and not storage.is_dir(source, endpoint=endpoint):
             local = work / storage.basename(source)

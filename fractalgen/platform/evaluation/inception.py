@@ -211,7 +211,7 @@ def resolve_weights(uri: str | os.PathLike[str] | None = None, *, cache_dir: str
     os.close(fd)
     try:
         if scheme == "s3":
-            from fractalgen.pipelines import storage
+            from fractalgen import storage
 
             if not storage.exists(text):
                 raise InceptionWeightsMissing(_missing_message([text]))
