@@ -2,7 +2,7 @@
 
 Engines:
 - ``plain``: one process, the model's own forward/backward, fused AdamW, gradient clipping 3.0;
-- ``deepspeed``: one process through ``fractalgen.platform.engine.setup_engine`` (the training
+- ``deepspeed``: one process through ``fractalgen.platform.training.engine.setup_engine`` (the training
   workers' DeepSpeed engine: ZeRO stage, AdamW groups, schedule, clipping);
 - ``ray``: the same DeepSpeed loop inside a Ray Train ``TorchTrainer`` worker (one GPU), to show
   the cost of the Ray + DeepSpeed path against ``plain`` (target: within 5%, docs/performance.md#status).
@@ -126,7 +126,7 @@ def _run_config(args: argparse.Namespace, name: str):
 
 
 def deepspeed_step_fn(args: argparse.Namespace, name: str, device: torch.device):
-    from fractalgen.platform.engine import setup_engine
+    from fractalgen.platform.training.engine import setup_engine
 
     engine = setup_engine(
         _model(args, name, device),

@@ -1,4 +1,4 @@
-from fractalgen.platform.cli import console_main
+from fractalgen.cli import console_main
 
 if __name__ == "__main__":
     raise SystemExit(console_main())

@@ -589,7 +589,7 @@ class RunEvalConfig:
         for key in ("num_images", "nll_batches"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        # as SamplingSettings (fractalgen/platform/evaluation/generate.py), checked before the run starts
+        # as SamplingSettings (fractalgen/platform/generation/sampling.py), checked before the run starts
         if self.cfg is not None and self.cfg < 1.0:
             raise ValueError(f"cfg: guidance scale must be >= 1.0, got {self.cfg}")
         if self.temperature is not None and self.temperature <= 0:

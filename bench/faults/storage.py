@@ -368,7 +368,7 @@ def _local_ray() -> Iterator[None]:
 def _train(overrides: list[str]) -> tuple[Any, str | None]:
     """Run the recipe in this process (Ray already up): (outcome or None, error text or None)."""
     from fractalgen.config import TrainRunConfig, load
-    from fractalgen.platform.train import run_training
+    from fractalgen.platform.training.driver import run_training
 
     try:
         return run_training(load(TrainRunConfig, None, overrides)), None
@@ -376,7 +376,7 @@ def _train(overrides: list[str]) -> tuple[Any, str | None]:
         return None, f"{type(err).__name__}: {str(err)[:600]}"
 
 
-CKPT_FILES = (  # ZeRO-2 on 2 workers with recorded samples (fractalgen/platform/worker.py)
+CKPT_FILES = (  # ZeRO-2 on 2 workers with recorded samples (fractalgen/platform/training/worker.py)
     "deepspeed/mp_rank_00_model_states.pt",
     "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt",
     "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt",
@@ -392,7 +392,7 @@ def _checkpoint_problems(run_uri: str, endpoint: str | None) -> tuple[list[str],
     """(problems, the checkpoint ``resolve_checkpoint`` picks). A problem: the picked checkpoint
     lacks files, or a checkpoint that readers would accept (it has ``state.json``) lacks files."""
     from fractalgen import storage
-    from fractalgen.platform.checkpointing import CheckpointNotFound, resolve_checkpoint
+    from fractalgen.platform.artifacts.checkpoints import CheckpointNotFound, resolve_checkpoint
 
     problems = []
     try:
@@ -417,7 +417,7 @@ def _checkpoint_problems(run_uri: str, endpoint: str | None) -> tuple[list[str],
 def _is_accepted(checkpoint_uri: str, endpoint: str | None) -> bool:
     """Whether fractalgen's readers take ``checkpoint_uri`` for a finished checkpoint."""
     from fractalgen import storage
-    from fractalgen.platform import checkpointing
+    from fractalgen.platform.artifacts import checkpoints as checkpointing
 
     accept = getattr(checkpointing, "is_complete", None)
     if accept is not None:

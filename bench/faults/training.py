@@ -6,7 +6,7 @@ images (80 samples), 2 Ray Train workers x micro-batch 4: 10 steps per epoch, De
 the CPU (gloo), as tests/platform/test_train_support.py's tiny runs do.
 
 Samples are counted by id with the worker's opt-in audit file (``FRACTALGEN_SAMPLE_LOG``,
-fractalgen/platform/worker.py): every rank appends a line when its loop starts (the step it starts
+fractalgen/platform/training/worker.py): every rank appends a line when its loop starts (the step it starts
 or resumes at) and one per step with the keys of the samples it trained on. ``audit_samples``
 rolls back, per rank, the steps after each resume point (work lost with a killed worker group) and
 checks the *effective* sequence: every step of the run present once, and each epoch covering each of
@@ -53,7 +53,9 @@ WORLD = 2  # Ray Train workers
 MICRO = 4  # samples per worker per step
 STEPS_PER_EPOCH = 10  # 80 samples / (2 x 4)
 EVERY = 2  # checkpoint interval of train-worker-sigkill
-SAMPLE_LOG_ENV = "FRACTALGEN_SAMPLE_LOG"  # fractalgen.platform.worker.SAMPLE_LOG_ENV (not imported: heavy)
+SAMPLE_LOG_ENV = (
+    "FRACTALGEN_SAMPLE_LOG"  # fractalgen.platform.training.worker.SAMPLE_LOG_ENV (not imported: heavy)
+)
 # Ray Train V2 knobs for short runs (tests/platform/test_train_support.py): no preemption watcher,
 # a fast worker poll; the driver hands them on to the controller and the workers
 RAY_TRAIN_ENV = {
@@ -90,7 +92,7 @@ def _environment(work: Path) -> Path:
 def _dataset(work: Path) -> tuple[str, list[str]]:
     """The tiny dataset (80 samples) and the keys of all its samples, read from its shards."""
     from fractalgen.pipelines.embedded import build_embedded_dataset
-    from fractalgen.platform.worker import _lean_streaming_import
+    from fractalgen.platform.training.worker import _lean_streaming_import
 
     out = str(work / "tiny16")
     build_embedded_dataset(out, size=16, images_per_class=8, num_classes=10)
@@ -400,7 +402,7 @@ def train_worker_sigkill(settings: Settings) -> Outcome:
     current attempt's checkpoint folder for a step exists and Ray has not registered it yet. Each kill
     must resume at the latest registered checkpoint; over the whole run the effective sample
     sequence must have no repeat and no gap."""
-    from fractalgen.platform.train import TrainError, run_training
+    from fractalgen.platform.training.driver import TrainError, run_training
 
     name = "train-worker-sigkill"
     outcome = Outcome(
@@ -588,7 +590,7 @@ def train_node_loss(settings: Settings) -> Outcome:
     at the latest registered checkpoint, and train on. Then one more node is removed with no spare left: the run
     must fail, within a bounded time, with a message that says what the worker group needs and what
     the cluster has."""
-    from fractalgen.platform.train import TrainError, run_training
+    from fractalgen.platform.training.driver import TrainError, run_training
 
     name = "train-node-loss"
     outcome = Outcome(
@@ -991,7 +993,7 @@ def train_mlflow_outage(settings: Settings) -> Outcome:
     step and started again on the same port and store after a random pause (1 outage short, 3 full).
     Training must go on meanwhile and finish, and every metric point logged during an outage must be
     on the server afterwards (counted per key and step)."""
-    from fractalgen.platform.train import TrainError, run_training
+    from fractalgen.platform.training.driver import TrainError, run_training
 
     name = "train-mlflow-outage"
     outcome = Outcome(
@@ -1104,11 +1106,11 @@ def train_mlflow_outage(settings: Settings) -> Outcome:
 
 def checkpoint_damage_left(run: Path, step: int) -> list[str]:
     """What is still wrong with the run's checkpoint at ``step`` (its files against the manifests
-    every rank wrote, fractalgen/platform/worker.py): [] once the relaunch has written it again."""
+    every rank wrote, fractalgen/platform/training/worker.py): [] once the relaunch has written it again."""
     import pyarrow.fs as pafs
     import ray.train
 
-    from fractalgen.platform.worker import checkpoint_damage
+    from fractalgen.platform.training.worker import checkpoint_damage
 
     folder = run / f"checkpoint_{step:09d}"
     return checkpoint_damage(ray.train.Checkpoint(path=str(folder), filesystem=pafs.LocalFileSystem()), WORLD)
@@ -1230,7 +1232,7 @@ def train_nonfinite_loss(settings: Settings) -> Outcome:
     short, 3 full, each a new run). The run must stop with an error that names the last good
     checkpoint (the latest whose steps all had finite losses); that checkpoint is kept, its losses
     are finite, and no checkpoint was written after the blow-up."""
-    from fractalgen.platform.train import TrainError, run_training
+    from fractalgen.platform.training.driver import TrainError, run_training
 
     name = "train-nonfinite-loss"
     outcome = Outcome(

@@ -3,7 +3,7 @@ argparse.Namespace, ...}`` (optimizer, epoch and scaler entries may also be pres
 
 Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)`` with ``argparse.Namespace``
 as the only extra allowed global (``safe_load``, which the DeepSpeed files of training checkpoints go
-through too, with their own allow-list: ``fractalgen/platform/checkpointing.py``). A file that holds
+through too, with their own allow-list: ``fractalgen/platform/artifacts/checkpoints.py``). A file that holds
 anything else is refused, naming the file and the refused objects; it is never retried unsafely.
 Weights load strictly (names and shapes must all match).
 """

@@ -21,12 +21,10 @@ Terms:
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import html
 import io
-import json
 import logging
 import os
 import sys
@@ -38,13 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fractalgen.platform.cli import CLIError
-from fractalgen.platform.tracking import use_tracking_uri
+from fractalgen.platform.artifacts.model_store import (
+    RegistryError,
+    _versions,
+    client,
+    get_version,
+    use_tracking_uri,
+)
 
 if TYPE_CHECKING:
-    from mlflow.tracking import MlflowClient
-
-    from fractalgen.platform.evaluation.generate import ModelSource
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ TAG_GRID = "fractalgen.grid"
 TAG_PROMOTED = "fractalgen.promoted_at"
 METRIC_PREFIX = "metrics."
 SWEEP_PREFIX = "sweep."
-RUN_NAME_TAG = "fractalgen.run_name"  # the training run's name (fractalgen.platform.tracking)
+RUN_NAME_TAG = "fractalgen.run_name"  # the training run's name (fractalgen.platform.training.tracking)
 REVIEW_METRICS = ("fid", "inception_score", "precision", "recall", "nll_bpd")
 LOWER_IS_BETTER = {
     "fid": True,
@@ -71,10 +72,6 @@ LOWER_IS_BETTER = {
 }
 
 
-class RegistryError(ValueError):
-    """A registered model or version does not exist, or the registry refused an operation."""
-
-
 @dataclass
 class RegisteredVersion:
     name: str
@@ -83,115 +80,6 @@ class RegisteredVersion:
     model_uri: str  # models:/NAME/VERSION
 
 
-def client(tracking_uri: str | None = None) -> MlflowClient:
-    """An ``MlflowClient`` for ``tracking_uri`` (default: MLFLOW_TRACKING_URI / mlflow's default);
-    the registry is the tracking server's unless MLFLOW_REGISTRY_URI says otherwise."""
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(
-        tracking_uri=tracking_uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
-    )
-
-
-# ------------------------------------------------------------------------------ finding versions
-def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/NAME/VERSION`` -> (NAME, VERSION, None); ``models:/NAME@ALIAS`` -> (NAME, None, ALIAS)."""
-    if not uri.startswith("models:/"):
-        raise RegistryError(
-            f"{uri!r} is not a registered model URI (models:/NAME/VERSION or models:/NAME@ALIAS)"
-        )
-    rest = uri[len("models:/") :].strip("/")
-    if "@" in rest:
-        name, alias = rest.rsplit("@", 1)
-        return name, None, alias
-    if "/" in rest:
-        name, version = rest.rsplit("/", 1)
-        return name, version, None
-    raise RegistryError(f"{uri!r} names no version: use models:/{rest}/VERSION or models:/{rest}@champion")
-
-
-def _versions(c: Any, name: str) -> list[Any]:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        c.get_registered_model(name)
-    except MlflowException:
-        names = sorted(m.name for m in c.search_registered_models(max_results=50))
-        raise RegistryError(
-            f"no registered model named {name!r}" + (f" (registered: {', '.join(names)})" if names else "")
-        ) from None
-    return sorted(c.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
-
-
-def get_version(
-    name: str, version: str | int | None = None, alias: str | None = None, *, c: Any = None
-) -> Any:
-    """The ``ModelVersion`` NAME/VERSION or NAME@ALIAS; ``RegistryError`` naming what exists otherwise."""
-    from mlflow.exceptions import MlflowException
-
-    c = c or client()
-    versions = _versions(c, name)
-    listing = ", ".join(str(v.version) for v in versions) or "none"
-    if alias is not None:
-        try:
-            return c.get_model_version_by_alias(name, alias)
-        except MlflowException:
-            aliases = sorted({a for v in versions for a in (v.aliases or [])})
-            raise RegistryError(
-                f"model {name!r} has no alias {alias!r} (aliases: {', '.join(aliases) or 'none'}; versions: {listing})"
-            ) from None
-    text = str(version)
-    if text == "latest":
-        if not versions:
-            raise RegistryError(f"model {name!r} has no versions")
-        return versions[-1]
-    for v in versions:
-        if str(v.version) == text:
-            return c.get_model_version(name, text)  # with tags and aliases filled in
-    raise RegistryError(f"model {name!r} has no version {text} (versions: {listing})")
-
-
-def resolve_version(uri: str, *, c: Any = None) -> Any:
-    name, version, alias = parse_model_uri(uri)
-    return get_version(name, version, alias, c=c)
-
-
-def _checkpoint_in_model_dir(model_dir: Path) -> Path:
-    import yaml
-
-    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
-    arts = (mlmodel.get("flavors", {}).get("python_function", {}) or {}).get("artifacts", {}) or {}
-    rel = (arts.get("checkpoint") or {}).get("path")
-    if rel and (model_dir / rel).is_file():
-        return model_dir / rel
-    found = sorted(model_dir.rglob("*.pth"))
-    if not found:
-        raise RegistryError(f"the model at {model_dir} holds no checkpoint artifact")
-    return found[0]
-
-
-def download_version(
-    uri: str, work: str | os.PathLike[str], *, tracking_uri: str | None = None
-) -> ModelSource:
-    """Download a registered version's weights; returns a ``generate.ModelSource``."""
-    import mlflow.artifacts
-
-    from fractalgen.platform.evaluation.generate import ModelSource
-
-    c = client(tracking_uri)
-    mv = resolve_version(uri, c=c)
-    dest = Path(work) / f"{mv.name}-v{mv.version}"
-    dest.mkdir(parents=True, exist_ok=True)
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(dest), tracking_uri=tracking_uri
-    )
-    return ModelSource(
-        source=uri, path=_checkpoint_in_model_dir(Path(local)), kind="registry", registered_name=mv.name,
-        version=str(mv.version), tags=dict(mv.tags or {}),
-    )  # fmt: skip
-
-
-# ------------------------------------------------------------------------------ registering
 def _find_training_run(c: Any, run_name: str | None) -> str | None:
     if not run_name:
         return None
@@ -221,7 +109,7 @@ def ensure_experiment(c: Any, name: str, tracking_uri: str | None = None) -> str
 
 
 def _grid_png(images: Any, ncols: int | None = None) -> bytes:
-    from fractalgen.platform.sampling_cli import auto_scale, make_grid
+    from fractalgen.platform.generation.images import auto_scale, make_grid
 
     grid = (make_grid(images, ncols).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     from PIL import Image
@@ -262,13 +150,10 @@ def register_checkpoint(
 
     from fractalgen.models import CheckpointError, load_released, save_released
     from fractalgen.models.checkpoint import read_checkpoint
-    from fractalgen.platform.evaluation.generate import (
-        SamplingSettings,
-        balanced_labels,
-        generate_images,
-        resolve_model_source,
-    )
-    from fractalgen.platform.serving import CHECKPOINT_ARTIFACT, FractalGenPyfunc, default_params
+    from fractalgen.platform.generation.sampling import balanced_labels, generate_images
+    from fractalgen.platform.generation.serving import CHECKPOINT_ARTIFACT, FractalGenPyfunc, default_params
+    from fractalgen.platform.generation.settings import SamplingSettings
+    from fractalgen.platform.generation.sources import resolve_model_source
 
     c = client(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="fractalgen-register-") as work:
@@ -462,7 +347,7 @@ class VersionSummary:
 
     @property
     def best_settings(self) -> str:
-        from fractalgen.platform.evaluation.generate import SamplingSettings
+        from fractalgen.platform.generation.settings import SamplingSettings
 
         s = SamplingSettings.from_tags(self.tags)
         return s.describe() if s.to_tags() else "-"
@@ -684,116 +569,3 @@ def promote(
 
 
 # ------------------------------------------------------------------------------ CLI
-def _tracking(args: argparse.Namespace) -> str | None:
-    return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-
-
-def _ask(question: str) -> bool:
-    if not sys.stdin.isatty():
-        return True  # a script asked for the promotion; the comparison is in its log
-    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
-
-
-def _run_register(args: argparse.Namespace) -> int:
-    from fractalgen.platform.sampling_cli import settings_from_args
-
-    metrics = {}
-    if args.metrics_json:
-        data = json.loads(Path(args.metrics_json).read_text())
-        metrics = {
-            k: float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)
-        }
-    settings = settings_from_args(args, None)
-    kind = "released" if args.command_name == "import" else None
-    try:
-        rv = register_checkpoint(
-            args.checkpoint, args.name, tracking_uri=_tracking(args), model_name=args.model_name,
-            training_run_id=getattr(args, "training_run_id", None), metrics=metrics,
-            aliases=args.alias or [CANDIDATE], description=args.description, grid_images=args.grid_images,
-            grid_settings=settings, grid_seed=args.seed, source_kind=kind,
-        )  # fmt: skip
-    except RegistryError as err:
-        raise CLIError(str(err)) from None
-    print(f"registered {rv.model_uri} (run {rv.run_id}); aliases: {', '.join(args.alias or [CANDIDATE])}")
-    return 0
-
-
-def _run_review(args: argparse.Namespace) -> int:
-    versions = [v for v in (args.versions or "").split(",") if v] or None
-    try:
-        review(args.name, versions=versions, html_path=args.html, tracking_uri=_tracking(args),
-               thumbnails=args.thumbnails if args.thumbnails is not None else sys.stdout.isatty())  # fmt: skip
-    except RegistryError as err:
-        raise CLIError(str(err)) from None
-    return 0
-
-
-def _run_promote(args: argparse.Namespace) -> int:
-    try:
-        promote(
-            args.name,
-            args.version,
-            alias=args.alias,
-            yes=args.yes,
-            confirm=_ask,
-            tracking_uri=_tracking(args),
-        )
-    except RegistryError as err:
-        raise CLIError(str(err)) from None
-    return 0
-
-
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    from fractalgen.platform.sampling_cli import add_sampling_args
-
-    p = subparsers.add_parser(
-        "registry", help="register, review and promote model versions (MLflow registry)"
-    )
-    sub = p.add_subparsers(dest="registry_command", metavar="{register,import,review,promote}", required=True)
-
-    def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument(
-            "--tracking-uri", help="MLflow tracking/registry server (default: MLFLOW_TRACKING_URI)"
-        )
-
-    for cmd, helptext in (
-        ("register", "register a checkpoint (consolidated weights) as a new model version"),
-        ("import", "import a released checkpoint-last.pth as a new model version"),
-    ):
-        r = sub.add_parser(cmd, help=helptext, description=helptext + "; it gets the alias candidate.")
-        r.add_argument(
-            "checkpoint", help="released-format .pth, or a training checkpoint / run folder (local or s3://)"
-        )
-        r.add_argument("--name", required=True, help="registered model name")
-        r.add_argument("--model-name", help="architecture (e.g. fractalmar_in64) when the file does not say")
-        if cmd == "register":
-            r.add_argument(
-                "--training-run-id", help="MLflow run of the training (default: found by the run name)"
-            )
-        r.add_argument("--metrics-json", help="JSON of metrics to attach (e.g. `fractalgen eval fid --out`)")
-        r.add_argument("--alias", action="append", help="aliases for the new version (default: candidate)")
-        r.add_argument("--description")
-        r.add_argument(
-            "--grid-images", type=int, default=16, help="images in the logged sample grid (0: none)"
-        )
-        r.add_argument("--seed", type=int, default=0, help="seed of the sample grid")
-        add_sampling_args(r)
-        common(r)
-        r.set_defaults(func=_run_register, command_name=cmd)
-
-    v = sub.add_parser("review", help="compare a model's versions side by side (terminal and HTML)")
-    v.add_argument("name")
-    v.add_argument("--versions", help="comma-separated versions (default: all)")
-    v.add_argument("--html", help="also write an HTML report with the sample grids")
-    v.add_argument("--thumbnails", action=argparse.BooleanOptionalAction, default=None,
-                   help="colour thumbnails of the grids in the terminal (default: when a terminal)")  # fmt: skip
-    common(v)
-    v.set_defaults(func=_run_review)
-
-    m = sub.add_parser("promote", help="show the comparison, then move the champion alias to VERSION")
-    m.add_argument("name")
-    m.add_argument("version")
-    m.add_argument("--alias", default=CHAMPION, help="alias to move (default: champion)")
-    m.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    common(m)
-    m.set_defaults(func=_run_promote)

@@ -135,7 +135,7 @@ def test_flops_formula_matches_hand_count_for_tiny() -> None:
 
 
 def test_inspect_cli_prints_table(capsys: pytest.CaptureFixture[str]) -> None:
-    from fractalgen.platform.cli import main
+    from fractalgen.cli import main
 
     assert main(["inspect", "fractalmar_large_in256"]) == 0
     out = capsys.readouterr().out

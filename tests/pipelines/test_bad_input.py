@@ -28,10 +28,10 @@ from pipelines_helpers import (
     run_python,
 )
 
+from fractalgen.cli import main
 from fractalgen.pipelines import DataError, crop, prepare
 from fractalgen.pipelines.crop import decode_and_crop
 from fractalgen.pipelines.prepare import prepare_dataset
-from fractalgen.platform.cli import main
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -263,7 +263,7 @@ def slow(data, size):
     time.sleep(0.2)
     return original(data, size)
 crop.decode_and_crop = slow
-from fractalgen.platform.cli import main
+from fractalgen.cli import main
 sys.exit(main(ARGS))
 """
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from pipelines_helpers import WNIDS, check_dataset, make_folder_source
 
-from fractalgen.platform.cli import main
+from fractalgen.cli import main
 
 
 def test_prepare_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

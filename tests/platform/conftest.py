@@ -62,7 +62,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def mlflow_env(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """``mlflow_server`` as MLflow's tracking and registry URI (and ``MLFLOW_TRACKING_URI`` /
     ``MLFLOW_REGISTRY_URI``) for this test; everything as before afterwards."""
-    from fractalgen.platform.tracking import use_tracking_uri
+    from fractalgen.platform.artifacts.model_store import use_tracking_uri
 
     monkeypatch.setenv("MLFLOW_ENABLE_TELEMETRY", "false")
     with use_tracking_uri(mlflow_server, registry=True):

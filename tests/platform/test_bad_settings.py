@@ -7,7 +7,7 @@
 - property-based (hypothesis): random recipes and ``--set`` overrides (unknown and misspelt keys,
   values of the wrong type, NaN/inf, huge numbers, strings, lists, nested mappings, broken YAML)
   either validate or raise ``ConfigError`` naming the key, through the same loading code the
-  ``train``, ``cluster plan`` and ``sweep`` commands use, and through ``fractalgen.platform.cli.main``.
+  ``train``, ``cluster plan`` and ``sweep`` commands use, and through ``fractalgen.cli.main``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_train_support import REPO, tiny_dataset, tiny_overrides
 
+from fractalgen.cli import build_parser, main
 from fractalgen.config import ConfigError, TrainRunConfig, load, to_dict
-from fractalgen.platform.cli import build_parser, main
-from fractalgen.platform.sweep import SweepConfig
+from fractalgen.platform.tuning.sweep import SweepConfig
 
 CONFIGS = REPO / "configs"
 DEMO = CONFIGS / "demo.yaml"

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 import fractalgen.models.inspect as inspect_cmd
-from fractalgen.platform.cli import console_main, main
+from fractalgen.cli import console_main, main
 
 
 @pytest.fixture(autouse=True)

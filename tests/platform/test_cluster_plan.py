@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fractalgen.cli import main
 from fractalgen.config import ConfigError, TrainRunConfig, load
 from fractalgen.models import get_config
 from fractalgen.models.fractal import FractalGen
 from fractalgen.platform import cluster
-from fractalgen.platform.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 LARGE = str(REPO / "configs" / "fractalmar_large_in256.yaml")

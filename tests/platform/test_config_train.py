@@ -14,8 +14,8 @@ import pytest
 from platform_servers import free_port
 from test_train_support import REPO, tiny_dataset, tiny_overrides
 
+from fractalgen.cli import main
 from fractalgen.config import ConfigError, TrainRunConfig, load
-from fractalgen.platform.cli import main
 
 CONFIGS = REPO / "configs"
 RELEASED = {
@@ -124,7 +124,7 @@ def test_unreachable_mlflow_at_launch_stops_before_ray(dataset: str, tmp_path: P
     """Documented behaviour: an MLflow server that does not answer within mlflow.connect_timeout_s
     stops the launch (exit 2, naming mlflow.tracking_uri); with mlflow.required=false the run goes
     on untracked, with a warning."""
-    from fractalgen.platform.train import open_tracking, plan_run
+    from fractalgen.platform.training.driver import open_tracking, plan_run
 
     dead = f"http://127.0.0.1:{free_port()}"
     overrides = tiny_overrides(
@@ -146,7 +146,7 @@ def test_unreachable_mlflow_at_launch_stops_before_ray(dataset: str, tmp_path: P
 
 
 def test_learning_rate_warms_up_then_follows_cosine() -> None:
-    from fractalgen.platform.engine import learning_rate
+    from fractalgen.platform.training.engine import learning_rate
 
     cfg = load(
         TrainRunConfig,
@@ -168,7 +168,7 @@ def test_learning_rate_warms_up_then_follows_cosine() -> None:
 
 def test_weight_decay_skips_biases_and_1d_parameters() -> None:
     from fractalgen.models import build_model
-    from fractalgen.platform.engine import param_groups
+    from fractalgen.platform.training.engine import param_groups
 
     model = build_model("fractalmar_tiny16")
     decay, no_decay = param_groups(model, 0.05)
@@ -181,7 +181,7 @@ def test_weight_decay_skips_biases_and_1d_parameters() -> None:
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_config_follows_the_recipe(stage: int) -> None:
-    from fractalgen.platform.engine import deepspeed_config
+    from fractalgen.platform.training.engine import deepspeed_config
 
     extra = ["train.offload_optimizer=true"] if stage else []
     if stage == 3:
@@ -197,7 +197,7 @@ def test_deepspeed_config_follows_the_recipe(stage: int) -> None:
 
 
 def test_step_seed_is_a_pure_function_of_its_coordinates() -> None:
-    from fractalgen.platform.worker import step_seed
+    from fractalgen.platform.training.worker import step_seed
 
     seeds = {step_seed(0, r, s, m) for r in range(2) for s in range(50) for m in range(2)}
     assert len(seeds) == 200 and step_seed(0, 1, 7, 0) == step_seed(0, 1, 7, 0)
@@ -225,7 +225,7 @@ class _FlakyClient:
 
 
 def test_tracker_keeps_records_while_server_is_away_and_delivers_them_later(tmp_path: Path, caplog) -> None:
-    from fractalgen.platform.tracking import RunTracker
+    from fractalgen.platform.training.tracking import RunTracker
 
     client = _FlakyClient(failures=3)
     client.release.clear()  # the server hangs: every delivery blocks until released below
@@ -248,7 +248,7 @@ def test_tracker_keeps_records_while_server_is_away_and_delivers_them_later(tmp_
 
 
 def test_tracker_on_unreachable_server_does_not_block_training(caplog) -> None:
-    from fractalgen.platform.tracking import RunTracker
+    from fractalgen.platform.training.tracking import RunTracker
 
     tracker = RunTracker(f"http://127.0.0.1:{free_port()}", "0" * 32, retry_s=0.2)
     with caplog.at_level(logging.WARNING):
@@ -268,7 +268,12 @@ def test_bad_recipe_file_is_a_config_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("keep_best", [True, False])
 def test_pruning_keeps_the_latest_n_and_the_best(tmp_path: Path, keep_best: bool) -> None:
     """Checkpoints at steps 1..6 with the best loss at step 2: keep_last=2 keeps 5 and 6 (and 2)."""
-    from fractalgen.platform.worker import RunState, WorkerPlan, checkpoint_dir_name, prune_checkpoints
+    from fractalgen.platform.training.worker import (
+        RunState,
+        WorkerPlan,
+        checkpoint_dir_name,
+        prune_checkpoints,
+    )
 
     cfg = load(
         TrainRunConfig,

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from test_train_support import RAY_TRAIN_TEST_ENV
 
+from fractalgen.cli import main
 from fractalgen.models import load_released
-from fractalgen.platform.cli import main
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from fractalgen.cli import main
 from fractalgen.models import build_model, save_released
-from fractalgen.platform.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +105,8 @@ def test_ray_workers_give_the_same_features_as_one_process(
 ) -> None:
     import ray
 
-    from fractalgen.platform.evaluation.generate import (
-        GenerationJob,
-        SamplingSettings,
-        balanced_labels,
-        generate_features,
-    )
+    from fractalgen.platform.generation.sampling import GenerationJob, balanced_labels, generate_features
+    from fractalgen.platform.generation.settings import SamplingSettings
 
     job = GenerationJob(
         labels=balanced_labels(4, 4), settings=SamplingSettings(num_iters=(2, 2)), batch_size=2, seed=3

@@ -17,9 +17,9 @@ from PIL import Image
 from test_train_support import local_ray, tiny_config
 
 from fractalgen import storage
+from fractalgen.cli import main
 from fractalgen.config import ConfigError, TrainRunConfig, load
 from fractalgen.models import build_model, load_released, save_released
-from fractalgen.platform.cli import main
 
 SIZE_32 = ["model.img_sizes=[32,4,1]", "model.widths=[64,32,16]", "model.blocks=[2,1,1]"]
 
@@ -121,8 +121,8 @@ def test_dry_run_shows_the_cost_of_a_custom_resolution(data, tmp_path: Path, cap
 
 
 def test_level_lr_scales_make_their_own_groups() -> None:
-    from fractalgen.platform.engine import param_groups
-    from fractalgen.platform.finetune import freeze_levels
+    from fractalgen.platform.training.engine import param_groups
+    from fractalgen.platform.training.finetune import freeze_levels
 
     model = build_model("fractalmar_tiny16")
     frozen = freeze_levels(model, [0])
@@ -155,8 +155,8 @@ def test_finetune_from_released_weights_with_class_table_frozen_level_and_level_
     row mapped by the class table), the frozen level 0 and the level with lr scale 0 end equal to the
     source, the pixel head (scale 1) and the class embedding train; MLflow has the report; the model
     samples class-conditionally by class name."""
-    from fractalgen.platform.checkpointing import export_consolidated
-    from fractalgen.platform.train import run_training
+    from fractalgen.platform.artifacts.checkpoints import export_consolidated
+    from fractalgen.platform.training.driver import run_training
 
     names = _names(data["three"])
     store = tmp_path / "mlflow.db"
@@ -224,7 +224,7 @@ def test_one_class_32px_three_level_model_trains_unconditionally(
 ) -> None:
     """A 1-class dataset at 32x32 with a 3-level model of custom sizes trains (its end-of-run sample
     grid is unconditional), exports, and refuses guidance when sampled."""
-    from fractalgen.platform.train import run_training
+    from fractalgen.platform.training.driver import run_training
 
     cfg = tiny_config(
         name="uncond",

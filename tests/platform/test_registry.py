@@ -35,9 +35,9 @@ def direct_images(path: Path, seed: int) -> np.ndarray:
 def registry(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory):
     """Two versions of a fresh registered model: v1 registered, v2 imported as a released file."""
 
+    from fractalgen.cli import main
     from fractalgen.platform import registry as reg
-    from fractalgen.platform.cli import main
-    from fractalgen.platform.tracking import use_tracking_uri
+    from fractalgen.platform.artifacts.model_store import use_tracking_uri
 
     with use_tracking_uri(mlflow_server):
         root = tmp_path_factory.mktemp("registry")
@@ -73,7 +73,7 @@ def test_pyfunc_by_alias_equals_direct_sampling(registry) -> None:
     import pandas as pd
 
     from fractalgen.platform import registry as reg
-    from fractalgen.platform.serving import decode_images
+    from fractalgen.platform.generation.serving import decode_images
 
     reg.promote(registry["name"], "1", out=io.StringIO())
     model = mlflow.pyfunc.load_model(f"models:/{registry['name']}@champion")
@@ -83,8 +83,8 @@ def test_pyfunc_by_alias_equals_direct_sampling(registry) -> None:
 
 
 def test_review_and_promote(registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fractalgen.cli import main
     from fractalgen.platform import registry as reg
-    from fractalgen.platform.cli import main
 
     name = registry["name"]
     reg.promote(name, "1", out=io.StringIO())  # its own starting point: 1 @champion, 2 @candidate
@@ -103,8 +103,8 @@ def test_review_and_promote(registry, tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_promote_unknown_version_is_a_clear_error(registry, capsys: pytest.CaptureFixture[str]) -> None:
+    from fractalgen.cli import main
     from fractalgen.platform import registry as reg
-    from fractalgen.platform.cli import main
 
     with pytest.raises(reg.RegistryError, match=r"has no version 99 \(versions: 1, 2\)"):
         reg.promote(registry["name"], "99")
@@ -117,7 +117,7 @@ def test_promote_unknown_version_is_a_clear_error(registry, capsys: pytest.Captu
 def test_sample_cli_from_registered_model(registry, tmp_path: Path) -> None:
     from PIL import Image
 
-    from fractalgen.platform.cli import main
+    from fractalgen.cli import main
 
     out = tmp_path / "samples"
     uri = f"models:/{registry['name']}/1"
@@ -134,7 +134,7 @@ def test_mlflow_models_serve_answers_with_images(registry, tmp_path: Path) -> No
     from platform_servers import free_port, stop_process, wait_http
 
     from fractalgen.platform import registry as reg
-    from fractalgen.platform.serving import decode_images
+    from fractalgen.platform.generation.serving import decode_images
 
     reg.promote(registry["name"], "2", out=io.StringIO())  # this test's own champion
     port = free_port()
@@ -172,7 +172,7 @@ def test_register_into_its_own_store_whatever_the_global_uri(
     import mlflow
 
     from fractalgen.platform import registry as reg
-    from fractalgen.platform.tracking import use_tracking_uri
+    from fractalgen.platform.artifacts.model_store import use_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)

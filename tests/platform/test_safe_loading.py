@@ -27,8 +27,8 @@ import pytest
 import torch
 from platform_servers import free_port
 
+from fractalgen.cli import main
 from fractalgen.models import CheckpointError, build_model, save_released
-from fractalgen.platform.cli import main
 
 HERE = Path(__file__).resolve().parent
 STAGES = (0, 1, 2, 3)
@@ -45,8 +45,8 @@ def _write_checkpoints(root: str) -> None:
     from test_train_support import tiny_config
 
     from fractalgen.config import to_dict
-    from fractalgen.platform.engine import full_state_dict, setup_engine
-    from fractalgen.platform.worker import DS_TAG, STATE_FILE, WorkerPlan, build_run_model
+    from fractalgen.platform.training.engine import full_state_dict, setup_engine
+    from fractalgen.platform.training.worker import DS_TAG, STATE_FILE, WorkerPlan, build_run_model
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -121,8 +121,8 @@ def _resume(folder: str, stage: int) -> None:
     from ray.train import Checkpoint
     from test_train_support import tiny_config
 
-    from fractalgen.platform.engine import setup_engine
-    from fractalgen.platform.worker import WorkerPlan, build_run_model, load_checkpoint
+    from fractalgen.platform.training.engine import setup_engine
+    from fractalgen.platform.training.worker import WorkerPlan, build_run_model, load_checkpoint
 
     class _NoLoader:
         def load_state_dict(self, state: Any) -> None:
@@ -194,7 +194,7 @@ def _refused(message: str, planted: dict[str, Path]) -> None:
 # ------------------------------------------------------------------------------------------ tests
 @pytest.mark.parametrize("stage", STAGES)
 def test_consolidation_equals_deepspeeds_zero_to_fp32(ds_checkpoints: dict[int, Path], stage: int) -> None:
-    from fractalgen.platform.checkpointing import consolidated_state_dict
+    from fractalgen.platform.artifacts.checkpoints import consolidated_state_dict
 
     folder = ds_checkpoints[stage]
     ours = consolidated_state_dict(str(folder))
@@ -216,7 +216,7 @@ def test_consolidation_equals_deepspeeds_zero_to_fp32(ds_checkpoints: dict[int, 
 
 def test_allow_list_is_what_deepspeeds_files_hold(ds_checkpoints: dict[int, Path]) -> None:
     """Model-state files need nothing beyond torch's defaults; optimizer files exactly the allow-list."""
-    from fractalgen.platform.checkpointing import OPTIMIZER_FILE_GLOBALS, read_ds_file
+    from fractalgen.platform.artifacts.checkpoints import OPTIMIZER_FILE_GLOBALS, read_ds_file
 
     allowed = {name for _, name in OPTIMIZER_FILE_GLOBALS}
     seen: set[str] = set()
@@ -243,7 +243,7 @@ def test_export_refuses_a_planted_pickle(
 
 def test_model_source_refuses_a_planted_pickle(planted: dict[str, Path]) -> None:
     """The resolution that ``sample``, ``eval``, ``sweep`` and ``registry register`` share."""
-    from fractalgen.platform.evaluation.generate import resolve_model_source
+    from fractalgen.platform.generation.sources import resolve_model_source
 
     with pytest.raises(CheckpointError) as err:
         resolve_model_source(str(planted["folder"]), work_dir=planted["folder"].parent / "work")
@@ -259,7 +259,7 @@ def test_sample_refuses_a_planted_pickle(
 
 
 def test_finetune_init_refuses_a_planted_pickle(planted: dict[str, Path]) -> None:
-    from fractalgen.platform.finetune import FinetuneError, check_source, load_pretrained
+    from fractalgen.platform.training.finetune import FinetuneError, check_source, load_pretrained
 
     with pytest.raises(FinetuneError) as err:
         load_pretrained(build_model("fractalmar_tiny16"), str(planted["folder"]), ())
@@ -281,7 +281,7 @@ def test_register_refuses_a_planted_pickle(planted: dict[str, Path]) -> None:
 
 
 def test_a_deepspeed_file_that_is_not_one_is_named(ds_checkpoints: dict[int, Path], tmp_path: Path) -> None:
-    from fractalgen.platform.checkpointing import consolidated_state_dict
+    from fractalgen.platform.artifacts.checkpoints import consolidated_state_dict
 
     folder = tmp_path / "checkpoint"
     shutil.copytree(ds_checkpoints[2], folder)
@@ -323,7 +323,7 @@ def test_released_file_with_a_planted_pickle_is_refused(
 def test_serving_refuses_a_planted_pickle(planted_released: dict[str, Path]) -> None:
     from types import SimpleNamespace
 
-    from fractalgen.platform.serving import CHECKPOINT_ARTIFACT, FractalGenPyfunc
+    from fractalgen.platform.generation.serving import CHECKPOINT_ARTIFACT, FractalGenPyfunc
 
     context = SimpleNamespace(artifacts={CHECKPOINT_ARTIFACT: str(planted_released["file"])})
     with pytest.raises(CheckpointError) as err:

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from fractalgen.cli import main
 from fractalgen.models import build_model, load_released, save_released
-from fractalgen.platform.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_pngs_and_grid_equal_direct_sampling(ckpts: dict[str, Path], tmp_path: P
 
 @pytest.mark.parametrize("kind", ["mar", "ar", "mar32"])
 def test_animation_replays_the_generation_order(ckpts: dict[str, Path], kind: str) -> None:
-    from fractalgen.platform.sampling_cli import BACKGROUND, GenerationRecorder
+    from fractalgen.cli.sample import BACKGROUND, GenerationRecorder
 
     model = load_released(ckpts[kind])
     iters = {"mar": (2, 2), "ar": None, "mar32": (2, 2, 2)}[kind]

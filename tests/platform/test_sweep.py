@@ -12,7 +12,7 @@ import torch
 
 from fractalgen.config import ConfigError
 from fractalgen.models import build_model, save_released
-from fractalgen.platform.sweep import (
+from fractalgen.platform.tuning.sweep import (
     SweepEvalConfig,
     load_sweep_config,
     param_space,
@@ -96,7 +96,7 @@ def test_sweep_four_trials_nested_runs_and_best_setting_tags(
     from fractalgen.platform import registry as reg
     from fractalgen.platform.evaluation.inception import extract_features, load_inception
     from fractalgen.platform.evaluation.metrics import feature_statistics, save_statistics
-    from fractalgen.platform.sweep import run_sweep
+    from fractalgen.platform.tuning.sweep import run_sweep
 
     torch.manual_seed(0)
     ckpt = save_released(build_model("fractalmar_tiny16"), tmp_path / "tiny.pth")

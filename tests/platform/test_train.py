@@ -57,7 +57,7 @@ _references: dict[int, Reference] = {}
 
 def reference_run(stage: int, dataset: str, storage_path: str, endpoint: str | None = None) -> Reference:
     """The uninterrupted run of ``stage`` (made once per module)."""
-    from fractalgen.platform.train import run_training
+    from fractalgen.platform.training.driver import run_training
 
     if stage not in _references:
         cfg = tiny_config(
@@ -93,8 +93,8 @@ def test_zero_run_trains_and_checkpoint_restores_bit_exactly(
     exactly (losses and samples); the consolidated weights export from the (ZeRO-3: sharded, S3)
     checkpoint and load strictly."""
     from fractalgen.models import load_released
-    from fractalgen.platform.checkpointing import export_consolidated
-    from fractalgen.platform.train import run_training
+    from fractalgen.platform.artifacts.checkpoints import export_consolidated
+    from fractalgen.platform.training.driver import run_training
 
     endpoint = None
     storage_path = str(tmp_path / "runs")
@@ -136,7 +136,7 @@ def test_fused_attention_run_follows_the_reference(cluster, dataset, tmp_path) -
     these CPU workers, TRITON_INTERPRET from tests/conftest.py) inside DeepSpeed's engine. From the
     reference's step-4 checkpoint the losses follow the reference within float32 tolerance, and not
     bit for bit: the kernel, not SDPA, computed them."""
-    from fractalgen.platform.train import run_training
+    from fractalgen.platform.training.driver import run_training
 
     ref = reference_run(2, dataset, str(tmp_path / "runs"))
     cfg = tiny_config(
@@ -177,7 +177,7 @@ def test_killed_worker_resumes_at_same_step_with_next_unseen_sample(cluster, dat
     """ZeRO-1: a worker process killed after the step-2 checkpoint; the restarted worker group goes on
     from the latest checkpoint and ends where the uninterrupted run ends: same step count, same loss
     at every step, the same samples at every step (none repeated, none skipped)."""
-    from fractalgen.platform.train import run_training
+    from fractalgen.platform.training.driver import run_training
 
     ref = reference_run(1, dataset, str(tmp_path / "ref"))
     assert_loss_goes_down(ref.state)
@@ -230,7 +230,7 @@ def test_relaunch_resumes_finished_run_and_nonfinite_loss_stops_keeping_last_goo
     """Relaunching the finished ZeRO-1 reference run (same name) with 4 more steps resumes it at step 12;
     an absurd learning rate then blows the loss up at step 14: the run stops with an error naming
     the last good checkpoint (step 13), which is kept, and writes no checkpoint after it."""
-    from fractalgen.platform.train import TrainError, run_training
+    from fractalgen.platform.training.driver import TrainError, run_training
 
     ref = reference_run(1, dataset, str(tmp_path / "ref"))
     storage_path = os.path.dirname(ref.run_uri)

@@ -2,7 +2,8 @@
 
 - ``inception``: the FID Inception v3 network and where its weights come from (never downloaded).
 - ``metrics``: Fréchet distance, Inception Score, k-NN precision/recall, reference ``.npz`` files.
-- ``generate``: model sources, sampling settings, seeded batched generation, Ray workers.
 - ``data``: passes over prepared shard sets (bits/dim, reference statistics).
-- ``cli``: ``fractalgen eval {nll,fid,stats}``.
+
+Generating the images to score is ``fractalgen.platform.generation``'s job (above this package);
+the ``fractalgen eval`` command is ``fractalgen.cli.eval``.
 """

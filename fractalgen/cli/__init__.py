@@ -14,16 +14,16 @@ import logging
 import sys
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "fractalgen.models.inspect",
-    "fractalgen.pipelines.cli",
-    "fractalgen.platform.train",
-    "fractalgen.platform.checkpointing",
-    "fractalgen.platform.demo",
-    "fractalgen.platform.sampling_cli",
-    "fractalgen.platform.evaluation.cli",
-    "fractalgen.platform.registry",
-    "fractalgen.platform.sweep",
-    "fractalgen.platform.cluster",
+    "fractalgen.cli.inspect",
+    "fractalgen.cli.data",
+    "fractalgen.cli.train",
+    "fractalgen.cli.export",
+    "fractalgen.cli.demo",
+    "fractalgen.cli.sample",
+    "fractalgen.cli.eval",
+    "fractalgen.cli.registry",
+    "fractalgen.cli.sweep",
+    "fractalgen.cli.cluster",
 )
 
 

@@ -75,14 +75,14 @@ def demo_registry_steps(
     ``data_uri``: the demo dataset (reference statistics for FID and bits/dim).
     Returns ``{"versions", "champion", "sweep_table", "sweep_plot", "review_html", "reference"}``.
     """
+    from fractalgen.cli.eval import evaluate_fid
     from fractalgen.models import load_released
     from fractalgen.platform import registry
-    from fractalgen.platform.evaluation.cli import evaluate_fid
     from fractalgen.platform.evaluation.data import evaluate_nll, reference_statistics
-    from fractalgen.platform.evaluation.generate import resolve_model_source
     from fractalgen.platform.evaluation.inception import load_inception
     from fractalgen.platform.evaluation.metrics import load_statistics, save_statistics
-    from fractalgen.platform.sweep import describe_result, load_sweep_config, run_sweep
+    from fractalgen.platform.generation.sources import resolve_model_source
+    from fractalgen.platform.tuning.sweep import describe_result, load_sweep_config, run_sweep
 
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)

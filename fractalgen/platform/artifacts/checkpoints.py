@@ -20,13 +20,12 @@ tensors and plain Python values, plus, in optimizer files only, the three DeepSp
 (``OPTIMIZER_FILE_GLOBALS``), each rebuilt as an inert stand-in that only keeps its fields (DeepSpeed
 is not even imported). A file holding anything else is refused with ``CheckpointError`` naming the
 file and the refused objects. Resuming a run (and ``checkpoint.init_from``) is another matter: it
-goes through DeepSpeed's ``load_checkpoint`` (``fractalgen/platform/worker.py``), which unpickles
+goes through DeepSpeed's ``load_checkpoint`` (``fractalgen/platform/training/worker.py``), which unpickles
 fully.
 """
 
 from __future__ import annotations
 
-import argparse
 import enum
 import glob
 import json
@@ -39,8 +38,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from fractalgen.platform.cli import CLIError
-from fractalgen.platform.worker import DS_TAG, STATE_FILE
+from fractalgen.platform.artifacts.run_plan import DS_TAG, STATE_FILE
 
 PLAN_FILE = "plan.json"
 
@@ -317,7 +315,7 @@ def export_consolidated(
     The file is in the released format; ``args`` records the model name, run name, step and epoch.
     """
     from fractalgen.models import save_released
-    from fractalgen.platform.worker import WorkerPlan, build_run_model
+    from fractalgen.platform.artifacts.run_plan import WorkerPlan, build_run_model
 
     uri = resolve_checkpoint(checkpoint_uri, endpoint=endpoint)
     tmp = tempfile.mkdtemp(prefix="fractalgen-export-")
@@ -351,35 +349,3 @@ def export_consolidated(
         return save_released(weights, out, args=args, config=model.config)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _export(args: argparse.Namespace) -> int:
-    from fractalgen import storage
-
-    endpoint = storage.endpoint_url(args.s3_endpoint_url) if storage.is_remote(args.checkpoint) else None
-    try:
-        path = export_consolidated(args.checkpoint, args.out, endpoint=endpoint)
-    except (CheckpointNotFound, ValueError, KeyError) as err:
-        raise CLIError(str(err)) from None
-    print(f"wrote {path} (released checkpoint format: load with fractalgen.models.load_released)")
-    return 0
-
-
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "export",
-        help="write consolidated fp32 weights of a training checkpoint (any ZeRO stage)",
-        description=(
-            "Join the DeepSpeed shards of a training checkpoint (ZeRO 0-3) into one fp32 state dict and "
-            "write it in the released checkpoint format ({'model', 'args'}). CHECKPOINT is a "
-            "checkpoint folder or a run folder (its latest checkpoint), local or s3://. The shards "
-            "(pickles) are read with torch.load(weights_only=True), allowing only the three DeepSpeed "
-            "types they hold; a shard holding anything else is refused, naming the file."
-        ),
-    )
-    p.add_argument("checkpoint", help="<storage_path>/<name>[/checkpoint_<step>]")
-    p.add_argument("--out", required=True, help="output .pth file")
-    p.add_argument(
-        "--s3-endpoint-url", help="S3-compatible endpoint (default: S3_ENDPOINT_URL / AWS_ENDPOINT_URL)"
-    )
-    p.set_defaults(func=_export)

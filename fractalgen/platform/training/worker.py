@@ -45,12 +45,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fractalgen.config import TrainRunConfig, dumps, from_dict, to_dict
+from fractalgen.config import dumps, from_dict, to_dict
+from fractalgen.platform.artifacts.run_plan import DS_TAG, STATE_FILE, WorkerPlan, build_run_model
 
 log = logging.getLogger(__name__)
 
-DS_TAG = "deepspeed"  # DeepSpeed's checkpoint tag: the sub-folder holding its shards
-STATE_FILE = "state.json"
 # the run state inside the files every rank uploads; STATE_FILE, the same content, is written by rank 0
 # once every rank's upload has finished, so a checkpoint with STATE_FILE is complete (readers require
 # it: checkpointing.resolve_checkpoint); a checkpoint Ray restores may predate it, hence this copy
@@ -64,26 +63,6 @@ MANIFEST_DIR = "manifest"
 # opt-in audit (docs/operations.md): a file every rank appends to, one JSON line when it starts or
 # resumes and one per step with the keys of the samples it trained on (bench/faults/training.py)
 SAMPLE_LOG_ENV = "FRACTALGEN_SAMPLE_LOG"
-
-
-@dataclass(kw_only=True)
-class WorkerPlan:
-    """Everything a worker needs, resolved once on the driver."""
-
-    config: TrainRunConfig
-    run_uri: str  # <storage_path>/<name> (absolute for local storage)
-    storage_endpoint: str | None = None  # S3 endpoint of the storage path (None: local or AWS)
-    data_endpoint: str | None = None  # S3 endpoint of the dataset
-    num_images: int
-    num_classes: int
-    class_names: tuple[str, ...] = ()
-    steps_per_epoch: int
-    total_steps: int  # epochs * steps_per_epoch: the length of the lr schedule
-    stop_step: int  # min(total_steps, train.max_steps)
-    tracking_uri: str | None = None
-    mlflow_run_id: str | None = None
-    # finetune.class_map resolved to (new class index, source class index) pairs (``finetune``)
-    init_class_map: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(kw_only=True)
@@ -112,24 +91,6 @@ def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
     """A 63-bit torch seed for one micro-batch, a pure function of its coordinates."""
     digest = hashlib.blake2b(f"{seed}/{rank}/{step}/{micro}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def build_run_model(plan: WorkerPlan):
-    """The model the run trains: the registered size with the run's classes and training options."""
-    from fractalgen.models import build_model
-
-    m = plan.config.model
-    return build_model(
-        m.name,
-        **m.architecture(),
-        num_classes=plan.num_classes,
-        attn_dropout=m.dropout,
-        proj_dropout=m.dropout,
-        label_drop_prob=m.label_drop_prob,
-        grad_checkpointing=m.activation_checkpointing,
-        mask_buckets=m.mask_buckets,
-        class_names=tuple(plan.class_names),
-    )
 
 
 def _batches(loader: Any) -> Iterator[Any]:
@@ -177,7 +138,7 @@ def deepspeed_loads_weights_only() -> Iterator[None]:
 
     import torch
 
-    from fractalgen.platform.checkpointing import OPTIMIZER_FILE_GLOBALS
+    from fractalgen.platform.artifacts.checkpoints import OPTIMIZER_FILE_GLOBALS
 
     allowed = []
     for _, name in OPTIMIZER_FILE_GLOBALS:
@@ -201,7 +162,7 @@ def _refused_files(folder: str, err: BaseException) -> str:
     import glob
 
     from fractalgen.models.checkpoint import load_failure
-    from fractalgen.platform.checkpointing import OPTIMIZER_FILE_GLOBALS
+    from fractalgen.platform.artifacts.checkpoints import OPTIMIZER_FILE_GLOBALS
 
     reasons = []
     for path in sorted(glob.glob(os.path.join(folder, DS_TAG, "*.pt"))):
@@ -532,8 +493,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from fractalgen import storage
     from fractalgen.models.layers import set_attention_impl
     from fractalgen.pipelines.loader import build_loader
-    from fractalgen.platform.engine import apply_hyperparameters, full_state_dict, setup_engine
-    from fractalgen.platform.finetune import freeze_levels, load_pretrained
+    from fractalgen.platform.training.engine import apply_hyperparameters, full_state_dict, setup_engine
+    from fractalgen.platform.training.finetune import freeze_levels, load_pretrained
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -596,7 +557,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     tracker = None
     if rank == 0 and plan.mlflow_run_id and plan.tracking_uri:
-        from fractalgen.platform.tracking import RunTracker
+        from fractalgen.platform.training.tracking import RunTracker
 
         tracker = RunTracker(plan.tracking_uri, plan.mlflow_run_id)
     if rank == 0 and init_report is not None:
@@ -764,7 +725,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def _record_init(plan: WorkerPlan, report: Any, frozen: list[str], tracker: Any) -> None:
     """Rank 0: the fine-tuning init report to the run folder and the MLflow run, and one line."""
     from fractalgen import storage
-    from fractalgen.platform.finetune import INIT_REPORT_FILE, report_dict
+    from fractalgen.platform.training.finetune import INIT_REPORT_FILE, report_dict
 
     data = report_dict(report, frozen)
     storage.write_json(storage.join(plan.run_uri, INIT_REPORT_FILE), data, endpoint=plan.storage_endpoint)

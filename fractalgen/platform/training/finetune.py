@@ -65,7 +65,7 @@ def fetch_source(
     init: str, work_dir: str | Path, *, tracking_uri: str | None = None, endpoint: str | None = None
 ) -> Path:
     """The source as a local released-format file (downloaded or exported into ``work_dir``)."""
-    from fractalgen.platform.evaluation.generate import resolve_model_source
+    from fractalgen.platform.generation.sources import resolve_model_source
 
     try:
         found = resolve_model_source(

@@ -22,7 +22,6 @@ Documented behaviour when the server cannot be reached:
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import math
 import os
@@ -33,7 +32,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fractalgen import storage
@@ -46,43 +45,6 @@ RUN_NAME_TAG = "fractalgen.run_name"
 
 class TrackingUnavailable(RuntimeError):
     """The MLflow tracking server could not be reached at launch."""
-
-
-URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-
-
-@contextlib.contextmanager
-def use_tracking_uri(uri: str | None, *, registry: bool = False) -> Iterator[None]:
-    """MLflow's process-wide tracking URI (and registry URI if ``registry``) is ``uri`` for the block.
-
-    Afterwards everything is as before, including the ``MLFLOW_TRACKING_URI`` variable that
-    ``mlflow.set_tracking_uri`` also sets (MLflow's own ``_use_tracking_uri`` unsets it instead).
-    Needed where MLflow itself reads the global URI rather than a client's: ``mlflow.start_run``,
-    ``log_model``, and the registry store's look-up of the logged model in ``create_model_version``.
-    ``uri`` None: nothing changes.
-    """
-    if not uri:
-        yield
-        return
-    import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    saved_env = {key: os.environ.get(key) for key in URI_ENV}
-    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
-    mlflow.set_tracking_uri(uri)
-    if registry:
-        mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved[0])  # type: ignore[arg-type]  # None: unset again (resets its tracer too)
-        registry_utils._registry_uri = saved[1]  # set_registry_uri(None) would keep the variable
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def resolve_tracking_uri(cfg: TrainRunConfig) -> str:

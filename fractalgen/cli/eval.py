@@ -17,14 +17,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fractalgen.platform.cli import CLIError
+from fractalgen.cli import CLIError
 
 log = logging.getLogger(__name__)
 
 
 def _resolve_source(model: str, work: str):
     from fractalgen.models import CheckpointError
-    from fractalgen.platform.evaluation.generate import resolve_model_source
+    from fractalgen.platform.generation.sources import resolve_model_source
 
     try:
         return resolve_model_source(model, work_dir=work)
@@ -84,7 +84,7 @@ def run_nll(args: argparse.Namespace) -> int:
     from fractalgen.models import CheckpointError
     from fractalgen.pipelines import DataError
     from fractalgen.platform.evaluation.data import evaluate_nll
-    from fractalgen.platform.evaluation.generate import load_model, pick_device
+    from fractalgen.platform.generation.sampling import load_model, pick_device
 
     with tempfile.TemporaryDirectory(prefix="fractalgen-eval-") as work:
         source = _resolve_source(args.model, work)
@@ -110,8 +110,8 @@ def run_nll(args: argparse.Namespace) -> int:
 def run_stats(args: argparse.Namespace) -> int:
     from fractalgen.pipelines import DataError
     from fractalgen.platform.evaluation.data import reference_statistics
-    from fractalgen.platform.evaluation.generate import pick_device
     from fractalgen.platform.evaluation.metrics import save_statistics
+    from fractalgen.platform.generation.sampling import pick_device
 
     inception = _load_inception(args.inception, pick_device(args.device))
     try:
@@ -151,8 +151,8 @@ def evaluate_fid(
     (``metrics.Statistics``). Returns ``(SampleMetrics, outputs)`` (``outputs``: features, logits and,
     with ``keep_images``, uint8 images in ADM's NHWC layout)."""
     from fractalgen.models.checkpoint import config_from_checkpoint, read_checkpoint
-    from fractalgen.platform.evaluation.generate import GenerationJob, balanced_labels, generate_features
     from fractalgen.platform.evaluation.metrics import compute_metrics
+    from fractalgen.platform.generation.sampling import GenerationJob, balanced_labels, generate_features
 
     if num_classes is None:
         num_classes = config_from_checkpoint(read_checkpoint(model_path))[1].num_classes
@@ -183,11 +183,11 @@ def _default_workers(args: argparse.Namespace) -> int:
 def run_fid(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from fractalgen.cli.sample import settings_from_args
     from fractalgen.models import CheckpointError, load_released
-    from fractalgen.platform.evaluation.generate import pick_device
     from fractalgen.platform.evaluation.inception import extract_features
     from fractalgen.platform.evaluation.metrics import load_statistics
-    from fractalgen.platform.sampling_cli import settings_from_args
+    from fractalgen.platform.generation.sampling import pick_device
 
     if args.num_images < 2:
         raise CLIError("--num-images must be >= 2 for FID")
@@ -248,8 +248,8 @@ def run_fid(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ parser
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    from fractalgen.cli.sample import add_sampling_args
     from fractalgen.config import finite_float
-    from fractalgen.platform.sampling_cli import add_sampling_args
 
     p = subparsers.add_parser(
         "eval", help="evaluate a model: bits/dim, FID/IS/precision/recall, reference stats"

@@ -35,7 +35,7 @@ examples:
 
 
 def _cli_error(err: Exception) -> Exception:
-    from fractalgen.platform.cli import CLIError
+    from fractalgen.cli import CLIError
 
     return CLIError(str(err))
 

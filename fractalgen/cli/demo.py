@@ -3,7 +3,7 @@
 Steps, each the same code a cluster run uses:
 1. build the embedded dataset (``fractalgen.pipelines.embedded``: 16 classes of the photographs
    scikit-image ships, 32x32, MDS shards) in ``<out>/data``;
-2. train ``configs/demo.yaml`` (``fractalmar_demo32``) with ``fractalgen.platform.train``: a local Ray,
+2. train ``configs/demo.yaml`` (``fractalmar_demo32``) with ``fractalgen.platform.training.driver``: a local Ray,
    2 Ray Train workers, DeepSpeed ZeRO-2 on CPU with gloo, checkpoints in ``<out>/checkpoints``,
    MLflow in the SQLite store ``<out>/mlflow.db``;
 3. export the last checkpoint's consolidated fp32 weights in the released format
@@ -25,7 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-from fractalgen.platform.cli import CLIError
+from fractalgen.cli import CLIError
 
 DEFAULT_OUT = "runs/demo"
 
@@ -46,10 +46,11 @@ def run_demo(
 ) -> dict[str, str]:
     """Run the demo into ``out``; returns the paths it wrote (dataset, run, weights, grid, MLflow store)."""
     from fractalgen import storage
+    from fractalgen.cli.train import load_run_config
     from fractalgen.pipelines.embedded import build_embedded_dataset
-    from fractalgen.platform.checkpointing import export_consolidated
-    from fractalgen.platform.train import describe_outcome, load_run_config, plan_run, run_training
-    from fractalgen.platform.worker import SAMPLES_PNG
+    from fractalgen.platform.artifacts.checkpoints import export_consolidated
+    from fractalgen.platform.training.driver import describe_outcome, plan_run, run_training
+    from fractalgen.platform.training.worker import SAMPLES_PNG
 
     out = os.path.abspath(out)
     data, checkpoints = os.path.join(out, "data"), os.path.join(out, "checkpoints")
@@ -98,7 +99,7 @@ def run_demo(
 
     review = None
     if registry and outcome.tracking_uri:
-        from fractalgen.platform.registry_demo import demo_registry_steps
+        from fractalgen.cli.registry_demo import demo_registry_steps
 
         print("[demo] 5/5 registry: register, sweep sampling settings, promote the best version", flush=True)
         result = demo_registry_steps(
@@ -131,7 +132,7 @@ def run_demo(
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fractalgen.platform.train import PlanError, TrainError
+    from fractalgen.platform.training.driver import PlanError, TrainError
 
     try:
         run_demo(

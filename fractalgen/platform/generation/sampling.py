@@ -15,116 +15,24 @@ Terms:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
 import tempfile
-import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from fractalgen.platform.generation.settings import SamplingSettings
 from fractalgen.platform.ray_connect import connect_ray
 
 if TYPE_CHECKING:
     from fractalgen.models import FractalGen
 
 log = logging.getLogger(__name__)
-
-TAG_PREFIX = "sampling."
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplingSettings:
-    """Settings for ``FractalGen.sample``; ``None`` means the model's released default
-    (docs/model.md#released-sampling-settings)."""
-
-    num_iters: tuple[int, ...] | None = None
-    cfg: float | None = None
-    cfg_schedule: Literal["linear", "constant"] | None = None
-    temperature: float | None = None  # multiplies the logits: > 1 sharpens (released meaning)
-    filter_threshold: float = 1e-4
-
-    def __post_init__(self) -> None:
-        if self.num_iters is not None:
-            object.__setattr__(self, "num_iters", tuple(int(i) for i in self.num_iters))
-            if any(i < 1 for i in self.num_iters):
-                raise ValueError(f"num_iters must be >= 1, got {self.num_iters}")
-        if self.cfg is not None and self.cfg < 1.0:
-            raise ValueError(f"cfg must be >= 1.0, got {self.cfg}")
-        if self.temperature is not None and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.cfg_schedule not in (None, "linear", "constant"):
-            raise ValueError(f"cfg_schedule must be linear or constant, got {self.cfg_schedule!r}")
-
-    def sample_kwargs(self) -> dict[str, Any]:
-        return {"num_iters": self.num_iters, "cfg": self.cfg, "cfg_schedule": self.cfg_schedule,
-                "temperature": self.temperature, "filter_threshold": self.filter_threshold}  # fmt: skip
-
-    def resolved(self, config: Any) -> SamplingSettings:
-        """Every ``None`` replaced by the model config's default (what sampling actually uses)."""
-        return SamplingSettings(
-            num_iters=self.num_iters or tuple(config.default_iters()),
-            # an unconditional (1-class) model samples without guidance whatever its size's default
-            cfg=(1.0 if config.num_classes == 1 else config.sample_cfg) if self.cfg is None else self.cfg,
-            cfg_schedule=self.cfg_schedule or config.sample_cfg_schedule,
-            temperature=config.sample_temperature if self.temperature is None else self.temperature,
-            filter_threshold=self.filter_threshold,
-        )
-
-    def merged(self, other: SamplingSettings) -> SamplingSettings:
-        """``other``'s set fields override this one's."""
-        changes = {
-            f.name: getattr(other, f.name)
-            for f in dataclasses.fields(other)
-            if getattr(other, f.name) is not None
-        }
-        if other.filter_threshold == SamplingSettings.filter_threshold:
-            changes.pop("filter_threshold", None)
-        return dataclasses.replace(self, **changes)
-
-    def to_tags(self, prefix: str = TAG_PREFIX) -> dict[str, str]:
-        """String tags (``sampling.cfg`` ...) for the set fields; ``num_iters`` as ``64,16``."""
-        out: dict[str, str] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            out[prefix + f.name] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-        return out
-
-    @classmethod
-    def from_tags(cls, tags: Mapping[str, str], prefix: str = TAG_PREFIX) -> SamplingSettings:
-        """Inverse of ``to_tags``; unknown or missing tags are ignored."""
-        kw: dict[str, Any] = {}
-        get = lambda k: tags.get(prefix + k)  # noqa: E731
-        if get("num_iters"):
-            kw["num_iters"] = parse_iters(get("num_iters"))
-        for key in ("cfg", "temperature", "filter_threshold"):
-            if get(key):
-                kw[key] = float(get(key))
-        if get("cfg_schedule") in ("linear", "constant"):
-            kw["cfg_schedule"] = get("cfg_schedule")
-        return cls(**kw)
-
-    def describe(self) -> str:
-        return ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in self.to_tags().items()) or "model defaults"
-
-
-def parse_iters(text: str | Sequence[int]) -> tuple[int, ...]:
-    """``"64,16"`` or ``[64, 16]`` -> ``(64, 16)``."""
-    if isinstance(text, str):
-        parts = [p for p in text.replace(" ", "").split(",") if p]
-        try:
-            return tuple(int(p) for p in parts)
-        except ValueError:
-            raise ValueError(f"iterations must be integers separated by commas, got {text!r}") from None
-    return tuple(int(i) for i in text)
 
 
 def balanced_labels(num_images: int, num_classes: int) -> torch.Tensor:
@@ -136,73 +44,6 @@ def pick_device(device: str | None = None) -> torch.device:
     if device:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# ------------------------------------------------------------------------------------ model sources
-@dataclass
-class ModelSource:
-    """A model source resolved to a local released-format file."""
-
-    source: str
-    path: Path
-    kind: Literal["registry", "file", "checkpoint"]
-    registered_name: str | None = None
-    version: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)  # the registered version's tags
-
-    @property
-    def best_settings(self) -> SamplingSettings:
-        """The sweep's best settings recorded on the registered version (empty otherwise)."""
-        return SamplingSettings.from_tags(self.tags)
-
-
-def is_registry_uri(source: str) -> bool:
-    return source.startswith("models:/")
-
-
-def resolve_model_source(
-    source: str, *, work_dir: str | os.PathLike[str] | None = None, tracking_uri: str | None = None,
-    endpoint: str | None = None,
-) -> ModelSource:  # fmt: skip
-    """Resolve ``source`` (module docstring) to a local released-format file, downloading or exporting
-    into ``work_dir`` (a new temporary folder when None) as needed. ``FileNotFoundError`` /
-    ``ValueError`` with a readable message when the source does not exist; ``CheckpointError`` (a
-    ``ValueError``) naming the file when a checkpoint's DeepSpeed file is foreign or holds objects
-    safe loading refuses (nothing is ever unpickled unsafely: ``fractalgen/platform/checkpointing.py``;
-    files are loaded by ``load_model``, with ``weights_only``)."""
-    work = Path(work_dir or tempfile.mkdtemp(prefix="fractalgen-model-"))
-    if is_registry_uri(source):
-        from fractalgen.platform import registry
-
-        return registry.download_version(source, work, tracking_uri=tracking_uri)
-    scheme = urllib.parse.urlparse(source).scheme
-    if scheme == "s3":
-        from fractalgen import storage
-
-        if storage.exists(source, endpoint=endpoint) and not storage.is_dir(source, endpoint=endpoint):
-            local = work / storage.basename(source)
-            storage.download_file(source, str(local), endpoint=endpoint)
-            return ModelSource(source, local, "file")
-        return _export_checkpoint(source, work, endpoint)
-    path = Path(source).expanduser()
-    if path.is_file():
-        return ModelSource(source, path, "file")
-    if path.is_dir():
-        return _export_checkpoint(str(path), work, endpoint)
-    raise FileNotFoundError(
-        f"model source {source!r} is neither a registered model (models:/NAME/VERSION, models:/NAME@ALIAS), "
-        "a released-format checkpoint file, nor a training checkpoint folder"
-    )
-
-
-def _export_checkpoint(uri: str, work: Path, endpoint: str | None) -> ModelSource:
-    from fractalgen.platform.checkpointing import CheckpointNotFound, export_consolidated
-
-    try:
-        path = export_consolidated(uri, work / "consolidated.pth", endpoint=endpoint)
-    except CheckpointNotFound as err:
-        raise FileNotFoundError(str(err)) from None
-    return ModelSource(uri, Path(path), "checkpoint")
 
 
 def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> FractalGen:

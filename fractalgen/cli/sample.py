@@ -7,7 +7,7 @@ generation process pixel by pixel, as in the paper's figures. ``--input`` with `
 class-conditional editing; docs/model.md#conditional-prediction, the paper's section 5.3).
 
 Terms:
-- *sampling settings*: see ``fractalgen.platform.evaluation.generate.SamplingSettings``. Flags not
+- *sampling settings*: see ``fractalgen.platform.generation.sampling.SamplingSettings``. Flags not
   given fall back to the best settings a sweep recorded on a registered version (``sampling.*``
   tags; ``--no-best-settings`` skips them), then to the model's released defaults.
 - *generation order*: the order in which the model fixes pixels. ``GenerationRecorder`` observes it
@@ -33,13 +33,14 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fractalgen.cli import CLIError
 from fractalgen.config import finite_float, positive_float
-from fractalgen.platform.cli import CLIError
+from fractalgen.platform.generation.images import auto_scale, make_grid, save_png
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from fractalgen.platform.evaluation.generate import SamplingSettings
+    from fractalgen.platform.generation.settings import SamplingSettings
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace, source: Any = None) -> SamplingSettings:
     """SamplingSettings from the flags, over the registered version's best settings (unless disabled)."""
-    from fractalgen.platform.evaluation.generate import SamplingSettings, parse_iters
+    from fractalgen.platform.generation.settings import SamplingSettings, parse_iters
 
     try:
         flags = SamplingSettings(
@@ -111,32 +112,6 @@ def parse_labels(text: str | None, config: Any) -> list[int]:
             )
         out.append(idx)
     return out
-
-
-# ------------------------------------------------------------------------------------ images, grids
-def save_png(image01: Tensor, path: str | os.PathLike[str], scale: int = 1) -> None:
-    """(3, S, S) in [0, 1] -> PNG (nearest-neighbour upscaled by ``scale``)."""
-    from PIL import Image
-
-    arr = (image01.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    img = Image.fromarray(arr)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
-
-
-def make_grid(images01: Tensor, ncols: int | None = None, pad: int = 1) -> Tensor:
-    """(N, 3, S, S) -> (3, H, W) grid with ``pad`` white pixels between images."""
-    import torchvision.utils as vutils
-
-    n = images01.size(0)
-    ncols = ncols or max(1, math.ceil(math.sqrt(n)))
-    return vutils.make_grid(images01, nrow=ncols, padding=pad, pad_value=1.0)
-
-
-def auto_scale(size: int) -> int:
-    """Upscale factor for viewing small images (16 px -> 8, 32 -> 4, 64 -> 2, 128+ -> 1)."""
-    return max(1, 128 // size)
 
 
 # ------------------------------------------------------------------------------------ inpainting
@@ -414,14 +389,14 @@ def run_sample(args: argparse.Namespace) -> int:
     import torch
 
     from fractalgen.models import CheckpointError
-    from fractalgen.platform.evaluation.generate import (
+    from fractalgen.platform.generation.sampling import (
         balanced_labels,
         generate_images,
         load_model,
         pick_device,
-        resolve_model_source,
         sample_batch,
     )
+    from fractalgen.platform.generation.sources import resolve_model_source
 
     out = Path(args.out)
     check_output_folder(out)  # created when the images are there (a failed run leaves no folder)

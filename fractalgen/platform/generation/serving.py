@@ -148,7 +148,7 @@ def check_request(model_input: Any, params: dict[str, Any] | None, config: Any) 
     Returns ``{"labels", "settings" (SamplingSettings), "seed", "batch_size"}``; raises
     ``BadRequest`` naming the first bad value (module docstring lists the rules).
     """
-    from fractalgen.platform.evaluation.generate import SamplingSettings
+    from fractalgen.platform.generation.settings import SamplingSettings
 
     p = {**default_params(config), **(params or {})}
     limit = max_images()
@@ -243,7 +243,7 @@ class FractalGenPyfunc(mlflow.pyfunc.PythonModel):
         import pandas as pd
         import torch
 
-        from fractalgen.platform.evaluation.generate import generate_images, to_uint8
+        from fractalgen.platform.generation.sampling import generate_images, to_uint8
 
         try:
             request = check_request(model_input, params, self.model.config)

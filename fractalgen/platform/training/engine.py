@@ -74,7 +74,7 @@ def param_groups(
     (``finetune.level_lr_scale``) each multiplier gets its own pair of groups; every group records
     its multiplier (``lr_scale``) and whether it decays (``decays``), which the schedule reads.
     """
-    from fractalgen.platform.finetune import level_lr_scale as scale_of
+    from fractalgen.platform.training.finetune import level_lr_scale as scale_of
 
     found: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():

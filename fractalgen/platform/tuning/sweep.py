@@ -25,7 +25,6 @@ The recipe is a YAML file (``configs/sweep_*.yaml``) of ``SweepConfig`` (``fract
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -37,11 +36,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from fractalgen.config import ConfigError, dumps, load, to_dict
-from fractalgen.platform.cli import CLIError
 from fractalgen.platform.ray_connect import connect_ray
 
 if TYPE_CHECKING:
-    from fractalgen.platform.evaluation.generate import SamplingSettings
+    from fractalgen.platform.generation.settings import SamplingSettings
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +215,7 @@ def param_space(cfg: SweepConfig) -> dict[str, Any]:
 
 def trial_settings(config: dict[str, Any]) -> SamplingSettings:
     """The SamplingSettings of a trial's config."""
-    from fractalgen.platform.evaluation.generate import SamplingSettings, parse_iters
+    from fractalgen.platform.generation.settings import SamplingSettings, parse_iters
 
     iters = config.get("num_iters", "default")
     return SamplingSettings(
@@ -250,8 +248,8 @@ def run_trial(config: dict[str, Any], *, payload: dict[str, Any]) -> None:
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from fractalgen.platform.evaluation.generate import GenerationJob, GenerationWorker, balanced_labels
     from fractalgen.platform.evaluation.metrics import compute_metrics
+    from fractalgen.platform.generation.sampling import GenerationJob, GenerationWorker, balanced_labels
 
     ev: SweepEvalConfig = payload["eval"]
     settings = trial_settings(config)
@@ -436,8 +434,9 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> SweepResult:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from fractalgen.platform import registry
-    from fractalgen.platform.evaluation.generate import pick_device, resolve_model_source
     from fractalgen.platform.evaluation.inception import resolve_weights
+    from fractalgen.platform.generation.sampling import pick_device
+    from fractalgen.platform.generation.sources import resolve_model_source
 
     tracking_uri = _tracking_uri(cfg)
     client = MlflowClient(tracking_uri)
@@ -623,40 +622,3 @@ def describe_result(result: SweepResult) -> str:
     lines.append(f"table: {result.table}" + (f"   plot: {result.plot}" if result.plot else ""))
     lines.append(f"MLflow parent run: {result.parent_run_id}")
     return "\n".join(lines)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from fractalgen.platform.evaluation.inception import InceptionWeightsMissing
-
-    try:
-        cfg = load_sweep_config(args.config, args.set or [])
-    except ConfigError as err:
-        raise CLIError(str(err)) from None
-    if args.print_config:
-        print(dumps(cfg))
-        return 0
-    try:
-        result = run_sweep(cfg)
-    except (InceptionWeightsMissing, FileNotFoundError, ValueError) as err:
-        raise CLIError(str(err)) from None
-    print(describe_result(result))
-    return 0 if result.best is not None else 1
-
-
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "sweep",
-        help="Ray Tune sweep of sampling settings (guidance, temperature, schedule, iterations) by FID",
-        description=(
-            "Search guidance scale, temperature, guidance schedule and iterations per level with Ray Tune "
-            "(grid or Optuna, one GPU per trial, ASHA early stopping over the number of images). Every trial "
-            "is an MLflow run nested under the sweep's run; the best setting is written to the registered "
-            "model version as tags; results go to a Parquet table and a plot of FID against guidance scale."
-        ),
-    )
-    p.add_argument("--config", help="sweep recipe (configs/sweep_*.yaml)")
-    p.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set eval.num_images=5000"
-    )
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.set_defaults(func=_run)
