@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-import fractalgen.models.inspect as inspect_cmd
+import fractalgen.cli.inspect as inspect_cmd
 from fractalgen.cli import console_main, main
 
 
