@@ -11,11 +11,16 @@ Terms:
 - *logits*: the 1008-d ``pool @ fc.weight.T`` without the bias (torch-fidelity's ``logits_unbiased``,
   the Inception Score's input).
 
-Inputs are RGB images in [0, 1], any size: they are resized to 299x299 (bilinear, as pytorch-fid) and
-scaled to [-1, 1]. Weights are never downloaded: they come from a path or URI the user gives
-(``--inception``), else ``FRACTALGEN_INCEPTION_WEIGHTS``, else the caches of pytorch-fid / torch-fidelity
-/ fractalgen (``default_weight_paths``). A missing file raises ``InceptionWeightsMissing`` saying where
-to put it.
+Inputs are RGB images, uint8 in [0, 255] or float in [0, 1], any size. As in torch-fidelity (the
+released evaluation) and TensorFlow's graph, pixel values ``v`` in [0, 255] are resized to 299x299 with
+TensorFlow 1.x's bilinear resize (``resize_like_tf1``: source coordinate ``dst * in / out``, no
+half-pixel offset; pytorch-fid's ``F.interpolate`` differs from it) and then mapped to ``(v - 128) / 128``
+(pytorch-fid: ``2 v / 255 - 1``). ``tests/platform/test_fidelity_parity.py`` checks FID and IS against
+torch-fidelity 0.4.0 on the same weights file to 1e-4.
+
+Weights are never downloaded: they come from a path or URI the user gives (``--inception``), else
+``FRACTALGEN_INCEPTION_WEIGHTS``, else the caches of pytorch-fid / torch-fidelity / fractalgen
+(``default_weight_paths``). A missing file raises ``InceptionWeightsMissing`` saying where to put it.
 """
 
 from __future__ import annotations
@@ -113,6 +118,32 @@ def _build_blocks() -> dict[str, type[nn.Module]]:
     return {"A": FIDInceptionA, "C": FIDInceptionC, "E_1": FIDInceptionE_1, "E_2": FIDInceptionE_2}
 
 
+def resize_like_tf1(x: Tensor, size: int) -> Tensor:
+    """TensorFlow 1.x's bilinear resize (``align_corners=False``) of x (B, C, H, W) to (size, size).
+
+    The source coordinate of output pixel ``i`` is ``i * in / out`` (no half-pixel offset), clamped at the
+    last row/column: the resize of the 2015-12-05 Inception graph, computed as torch-fidelity's
+    ``interpolate_bilinear_2d_like_tensorflow1x`` computes it (same float32 operations, so equal bits).
+    """
+
+    def axis(n_in: int) -> tuple[Tensor, Tensor, Tensor]:
+        pos = torch.arange(size, dtype=x.dtype, device=x.device) * torch.tensor(
+            n_in / size, dtype=torch.float32
+        )
+        lo = pos.long()
+        hi = (lo + 1).clamp_max(n_in - 1)
+        return lo, hi, pos - lo.float()
+
+    ylo, yhi, dy = axis(x.shape[-2])
+    xlo, xhi, dx = axis(x.shape[-1])
+    top, bottom = x.index_select(-2, ylo), x.index_select(-2, yhi)  # (B, C, size, W)
+    t0, t1 = top.index_select(-1, xlo), top.index_select(-1, xhi)
+    b0, b1 = bottom.index_select(-1, xlo), bottom.index_select(-1, xhi)
+    row0 = t0 + (t1 - t0) * dx.view(1, 1, 1, size)
+    row1 = b0 + (b1 - b0) * dx.view(1, 1, 1, size)
+    return row0 + (row1 - row0) * dy.view(1, 1, size, 1)
+
+
 class FIDInceptionV3(nn.Module):
     """pytorch-fid's FID Inception v3: ``forward(images01) -> (pool (B, 2048), logits (B, 1008))``."""
 
@@ -136,11 +167,12 @@ class FIDInceptionV3(nn.Module):
                 self.add_module(name, child)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """images (B, 3, H, W) RGB in [0, 1] -> pool features (B, 2048), unbiased logits (B, 1008)."""
-        x = images.float()
+        """images (B, 3, H, W) RGB, uint8 in [0, 255] or float in [0, 1] -> pool features (B, 2048),
+        unbiased logits (B, 1008)."""
+        x = images.float() if images.dtype == torch.uint8 else images.float() * 255  # [0, 255]
         if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
-            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
-        x = 2 * x - 1  # (B, 3, 299, 299) in [-1, 1]
+            x = resize_like_tf1(x, INPUT_SIZE)
+        x = (x - 128) / 128  # (B, 3, 299, 299) in [-1, 1), as the TensorFlow graph and torch-fidelity
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
         x = self.maxpool1(x)  # (B, 64, 73, 73)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (B, 192, 71, 71)
@@ -306,15 +338,15 @@ def extract_features(
     net: FIDInceptionV3, images: Tensor | np.ndarray, *, batch_size: int = 64
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pool features (N, 2048) and logits (N, 1008), float64, for images in [0, 1] (N, 3, H, W)
-    or uint8 (N, H, W, 3) (the layout of ADM's ``arr_0``)."""
+    or uint8 (N, H, W, 3) (the layout of ADM's ``arr_0``) or (N, 3, H, W)."""
     device = next(net.parameters()).device
     feats, logits = [], []
     n = len(images)
     for i in range(0, n, batch_size):
         chunk = images[i : i + batch_size]
         x = torch.as_tensor(np.asarray(chunk)) if isinstance(chunk, np.ndarray) else chunk
-        if x.dtype == torch.uint8:
-            x = x.permute(0, 3, 1, 2).float() / 255.0 if x.shape[-1] == 3 else x.float() / 255.0
+        if x.dtype == torch.uint8 and x.shape[-1] == 3:
+            x = x.permute(0, 3, 1, 2)  # NHWC -> NCHW; uint8 goes to the network as is
         pool, lg = net(x.to(device))
         feats.append(pool.double().cpu().numpy())
         logits.append(lg.double().cpu().numpy())

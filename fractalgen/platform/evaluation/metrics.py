@@ -10,7 +10,9 @@ Terms:
   decompositions, stable where ``scipy.linalg.sqrtm`` needs pytorch-fid's eps retry. With features
   at hand and fewer images than dimensions, the nonzero eigenvalues come from a small N x N matrix.
 - *Inception Score* (IS): ``exp(E_x KL(p(y|x) || p(y)))`` over the softmax of the 1008 unbiased
-  logits, mean and std over 10 splits (torch-fidelity's definition, used by the released evaluation).
+  logits, mean and std over 10 splits (torch-fidelity's definition, used by the released evaluation:
+  the images are first put in the order of ``np.random.RandomState(2020).permutation(N)``, so the
+  splits, and the score, equal torch-fidelity's; ``shuffle_seed=None`` splits in the given order).
 - *precision / recall* (Kynkäänniemi et al. 2019, k = 3): each feature vector's k-NN radius within
   its own set (k-th nearest other member) defines a manifold (union of balls); precision is the
   fraction of generated features inside the reference manifold, recall the fraction of reference
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 
 PR_K = 3
+IS_SHUFFLE_SEED = 2020  # torch-fidelity's rng_seed (samples_shuffle=True, its default)
 
 
 @dataclass
@@ -106,12 +109,17 @@ def fid_from_features(features: np.ndarray, reference: Statistics) -> float:
     return float(max(value, 0.0))
 
 
-def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """Inception Score (mean, std over ``splits``) from 1008-way logits (N, 1008)."""
+def inception_score(
+    logits: np.ndarray, splits: int = 10, *, shuffle_seed: int | None = IS_SHUFFLE_SEED
+) -> tuple[float, float]:
+    """Inception Score (mean, std over ``splits``) from 1008-way logits (N, 1008); the rows are
+    permuted as torch-fidelity permutes them (``shuffle_seed``, its ``rng_seed``) before splitting."""
     x = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     n = x.size(0)
     if n == 0:
         raise ValueError("the Inception Score needs at least 1 image")
+    if shuffle_seed is not None:
+        x = x[torch.as_tensor(np.random.RandomState(shuffle_seed).permutation(n))]
     splits = max(1, min(splits, n))
     p = x.softmax(dim=1)
     log_p = x.log_softmax(dim=1)
