@@ -4,5 +4,6 @@
 - ``metrics``: Fréchet distance, Inception Score, k-NN precision/recall, reference ``.npz`` files.
 - ``generate``: model sources, sampling settings, seeded batched generation, Ray workers.
 - ``data``: passes over prepared shard sets (bits/dim, reference statistics).
+- ``learning``: did a run learn (own-class colour share of the samples, bits/dim), its figures.
 - ``cli``: ``fractalgen eval {nll,fid,stats}``.
 """
