@@ -1,17 +1,21 @@
 """``fractalgen demo`` (what ``make demo`` runs): the training platform end to end on a CPU machine.
 
 Steps, each the same code a cluster run uses:
-1. build the embedded dataset (``fractalgen.pipelines.embedded``: 16 classes of the photographs
-   scikit-image ships, 32x32, MDS shards) in ``<out>/data``;
+1. build the embedded dataset (``fractalgen.pipelines.embedded``: the 8 ``DEMO_CLASSES`` of the
+   photographs scikit-image ships, 64 images each, 32x32, MDS shards) in ``<out>/data``;
 2. train ``configs/demo.yaml`` (``fractalmar_demo32``) with ``fractalgen.platform.training.driver``: a local Ray,
    2 Ray Train workers, DeepSpeed ZeRO-2 on CPU with gloo, checkpoints in ``<out>/checkpoints``,
    MLflow in the SQLite store ``<out>/mlflow.db``;
 3. export the last checkpoint's consolidated fp32 weights in the released format
    (``<out>/fractalmar_demo32.pth``);
-4. copy the class-conditional sample grid of the final evaluation to ``<out>/samples.png``;
+4. show that it learned (``learning_evidence``): sample the initial and the trained weights with the
+   same seed (``<out>/samples_before_after.png``; after: ``<out>/samples.png``), score how many
+   samples carry their own class's colours and the bits/dim at both ends
+   (``fractalgen.platform.evaluation.learning``), draw the loss curve (``<out>/learning_curve.png``),
+   and log all of it to the training run in MLflow (artifacts ``learning/``, metrics ``learning.*``);
 5. register, sweep and promote the model (``registry_demo.demo_registry_steps``: the final weights
    and those of the first checkpoint, as two versions);
-6. print where everything is and how to open the MLflow UI.
+6. print the result, where everything is and how to open the MLflow UI.
 
 Running it again resumes the finished run (nothing left to train) and prints the same; ``--fresh``
 starts over.
@@ -24,10 +28,19 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fractalgen.cli import CLIError
 
+if TYPE_CHECKING:
+    from fractalgen.config import TrainRunConfig
+    from fractalgen.platform.artifacts.run_plan import WorkerPlan
+    from fractalgen.platform.training.driver import TrainOutcome
+
 DEFAULT_OUT = "runs/demo"
+SAMPLES_PER_CLASS = 6  # columns of the before/after grids, and images per class the check scores
+NLL_IMAGES = 64  # training images for bits/dim at the start and the end
+LEARNING_ARTIFACTS = "learning"  # the training run's MLflow artifact folder for the evidence
 
 
 def default_config() -> Path:
@@ -47,10 +60,10 @@ def run_demo(
     """Run the demo into ``out``; returns the paths it wrote (dataset, run, weights, grid, MLflow store)."""
     from fractalgen import storage
     from fractalgen.cli.train import load_run_config
-    from fractalgen.pipelines.embedded import build_embedded_dataset
+    from fractalgen.models import get_config
+    from fractalgen.pipelines.embedded import DEMO_CLASSES, build_embedded_dataset
     from fractalgen.platform.artifacts.checkpoints import export_consolidated
     from fractalgen.platform.training.driver import describe_outcome, plan_run, run_training
-    from fractalgen.platform.training.worker import SAMPLES_PNG
 
     out = os.path.abspath(out)
     data, checkpoints = os.path.join(out, "data"), os.path.join(out, "checkpoints")
@@ -69,7 +82,8 @@ def run_demo(
 
     t0 = time.perf_counter()
     print(f"[demo] 1/5 embedded dataset -> {data}", flush=True)
-    summary = build_embedded_dataset(data, size=32)
+    size = get_config(cfg.model.name).img_size  # 32 for fractalmar_demo32
+    summary = build_embedded_dataset(data, size=size, classes=DEMO_CLASSES, images_per_class=64)
     print(
         f"[demo]     {summary['num_images']} images, {summary['num_classes']} classes ({time.perf_counter() - t0:.0f} s)",
         flush=True,
@@ -93,9 +107,9 @@ def run_demo(
         extra.append(os.path.join(out, f"{cfg.model.name}-{earlier[0]}.pth"))
         export_consolidated(os.path.join(plan.run_uri, earlier[0]), extra[0])
 
-    grid = os.path.join(out, "samples.png")
-    print(f"[demo] 4/5 class-conditional sample grid -> {grid}", flush=True)
-    shutil.copyfile(os.path.join(final, SAMPLES_PNG), grid)
+    print("[demo] 4/5 evidence of learning: samples before/after training, bits/dim, the curve", flush=True)
+    evidence = learning_evidence(cfg, plan, outcome, weights, data, out)
+    print(f"[demo]     {evidence['check'].describe()}", flush=True)
 
     review = None
     if registry and outcome.tracking_uri:
@@ -113,22 +127,144 @@ def run_demo(
         review = result.get("review_html")
 
     elapsed = time.perf_counter() - t0
+    check = evidence["check"]
     print(
         "\n".join(
             [
                 "",
-                f"demo finished in {elapsed / 60:.1f} min",
                 describe_outcome(outcome, plan),
                 f"  dataset:     {data}",
                 f"  weights:     {weights}  (fractalgen.models.load_released)",
-                f"  samples:     {grid}  (one image per class, guidance {cfg.eval.cfg})",
-                *([f"  review:      {review}"] if review else []),
-                f"  browse:      http://127.0.0.1:5000 once `mlflow ui` runs (experiment '{cfg.mlflow.experiment}', run '{cfg.name}')",
+                "",
+                f"demo finished in {elapsed / 60:.1f} min: {cfg.model.name} trained {outcome.step} steps on "
+                f"{check.num_classes} classes",
+                f"  result:      {check.describe()}",
+                f"  curve:       {evidence['curve']}  (training loss in bits/dim over the steps)",
+                f"  samples:     {evidence['before_after']}  (before and after training, the same seed;"
+                " training images beside)",
+                f"               {evidence['samples']}  (after; {evidence['per_class']} per class, guidance "
+                f"{cfg.eval.cfg}, temperature {cfg.eval.temperature})",
+                *(
+                    [f"  review:      {review}  (registry: versions, sampling sweep, champion)"]
+                    if review
+                    else []
+                ),
+                f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri sqlite:///{store} --port 5000",
+                f"               then http://127.0.0.1:5000: experiment '{cfg.mlflow.experiment}', run '{cfg.name}'"
+                " (metrics learning.*, the curve and the grids under artifacts/learning)",
             ]
         ),
         flush=True,
     )
-    return {"data": data, "run": outcome.run_uri, "weights": weights, "samples": grid, "mlflow": store}
+    return {
+        "data": data,
+        "run": outcome.run_uri,
+        "weights": weights,
+        "samples": evidence["samples"],
+        "before_after": evidence["before_after"],
+        "curve": evidence["curve"],
+        "mlflow": store,
+    }
+
+
+def learning_evidence(
+    cfg: TrainRunConfig,
+    plan: WorkerPlan,
+    outcome: TrainOutcome,
+    weights: str,
+    data: str,
+    out: str,
+    *,
+    per_class: int = SAMPLES_PER_CLASS,
+    nll_images: int = NLL_IMAGES,
+) -> dict[str, Any]:
+    """Sample the initial weights (rebuilt: the worker seeds them with ``train.seed``; a recipe that
+    starts from pretrained weights, ``finetune.init``, is not what the demo runs) and the trained
+    ones with the same labels and seed; score both with ``evaluation.learning`` against the training
+    images, measure bits/dim on ``nll_images`` of them; write the before/after grids and the curve
+    to ``out`` and log them and the figures to the training run's MLflow run (``learning/``)."""
+    import torch
+
+    from fractalgen.platform.artifacts.run_plan import build_run_model
+    from fractalgen.platform.evaluation.data import evaluate_nll, read_labelled_images
+    from fractalgen.platform.evaluation.learning import (
+        LearningCheck,
+        class_profiles,
+        labelled_grid,
+        learning_curve_png,
+        own_class_share,
+        side_by_side,
+    )
+    from fractalgen.platform.generation.sampling import generate_images, load_model
+    from fractalgen.platform.generation.settings import SamplingSettings
+
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.train.seed)  # as train_loop_per_worker: the weights training started from
+        initial = build_run_model(plan).eval()
+    final = load_model(weights)
+    names = list(plan.class_names) or [str(c) for c in range(plan.num_classes)]
+    labels = torch.arange(plan.num_classes).repeat_interleave(per_class)  # class-major: one row per class
+    settings = SamplingSettings(
+        num_iters=cfg.eval.sample_iters, cfg=cfg.eval.cfg, temperature=cfg.eval.temperature
+    )
+    references, reference_labels = read_labelled_images(data)
+    profiles = class_profiles(references, reference_labels, plan.num_classes)
+    shares, bpds, panels = [], [], []
+    for model, title in ((initial, "before training (step 0)"), (final, f"after {outcome.step} steps")):
+        with torch.no_grad():
+            images = generate_images(model, labels, settings, batch_size=len(labels), seed=cfg.eval.seed)
+        shares.append(own_class_share(images, labels, profiles))
+        bpds.append(evaluate_nll(model, data, max_images=nll_images, progress=False)["nll_bpd"])
+        panels.append(labelled_grid(images, names, per_class=per_class, title=title))
+    check = LearningCheck(
+        num_classes=plan.num_classes,
+        num_images=len(labels),
+        share_before=shares[0],
+        share_after=shares[1],
+        bpd_before=bpds[0],
+        bpd_after=bpds[1],
+    )
+
+    steps, bpd = _metric_history(outcome, "bpd")
+    files = {
+        "samples": os.path.join(out, "samples.png"),
+        "before_after": os.path.join(out, "samples_before_after.png"),
+        "curve": os.path.join(out, "learning_curve.png"),
+    }
+    panels[1].save(files["samples"])
+    real = torch.cat([references[reference_labels == c][:per_class] for c in range(plan.num_classes)])
+    panels.append(labelled_grid(real, names, per_class=per_class, title="training images"))
+    side_by_side(panels).save(files["before_after"])
+    with open(files["curve"], "wb") as f:
+        f.write(
+            learning_curve_png(
+                steps,
+                bpd,
+                evaluated=[(0, check.bpd_before), (outcome.step, check.bpd_after)],
+                title=f"{cfg.name}: {cfg.model.name}, {plan.num_classes} classes",
+            )
+        )
+    if outcome.tracking_uri and outcome.mlflow_run_id:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(outcome.tracking_uri)
+        for key, value in check.metrics().items():
+            client.log_metric(outcome.mlflow_run_id, key, value, step=outcome.step)
+        for path in files.values():
+            client.log_artifact(outcome.mlflow_run_id, path, LEARNING_ARTIFACTS)
+    return {**files, "check": check, "per_class": per_class}
+
+
+def _metric_history(outcome: TrainOutcome, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of a metric of the training run in MLflow, else of its final metrics."""
+    if outcome.tracking_uri and outcome.mlflow_run_id:
+        from mlflow.tracking import MlflowClient
+
+        history = MlflowClient(outcome.tracking_uri).get_metric_history(outcome.mlflow_run_id, key)
+        points = sorted({m.step: m.value for m in history}.items())
+        if points:
+            return [s for s, _ in points], [v for _, v in points]
+    return ([outcome.step], [outcome.metrics[key]]) if key in outcome.metrics else ([], [])
 
 
 def _demo(args: argparse.Namespace) -> int:

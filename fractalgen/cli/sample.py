@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from fractalgen.cli import CLIError
 from fractalgen.config import finite_float, positive_float
-from fractalgen.platform.generation.images import auto_scale, make_grid, save_png
+from fractalgen.platform.images import auto_scale, make_grid, save_png
 
 if TYPE_CHECKING:
     from torch import Tensor

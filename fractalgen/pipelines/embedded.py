@@ -8,8 +8,8 @@ the same arguments always give the same images. They are written as PNG files in
 to a temporary folder and converted by ``prepare.prepare_dataset``, the same path as ImageNet, so
 they get the ADM centre crop to ``size`` and land in MDS shards with a summary.
 
-``build_embedded_dataset(out, size=32)`` takes a few seconds on one core; the demo model
-(``fractalmar_demo32``, 16 classes) uses size 32, tests use 16.
+``build_embedded_dataset(out, size=32)`` takes a few seconds on one core; the demo uses size 32
+and ``DEMO_CLASSES`` (photographs whose colours tell them apart), tests use 16.
 """
 
 from __future__ import annotations
@@ -49,6 +49,20 @@ PHOTOGRAPHS: tuple[str, ...] = (
 )
 EMBEDDED_SOURCE = "embedded:skimage.data"
 
+# The demo's classes: 8 photographs with distinct colours and layouts (a nearest-class-mean colour
+# histogram names the class of ~94% of their training images, against ~63% over all 16), so that
+# a few minutes of CPU training give samples recognisably of their class.
+DEMO_CLASSES: tuple[str, ...] = (
+    "astronaut",
+    "coffee",
+    "coins",
+    "hubble_deep_field",
+    "ihc",
+    "motorcycle_left",
+    "retina",
+    "rocket",
+)
+
 
 def photograph_dir() -> str:
     """The folder holding scikit-image's bundled photographs."""
@@ -80,19 +94,39 @@ def _jittered_crop(photo, rng: np.random.Generator, side: int):
     return crop
 
 
-def write_embedded_source(
-    folder: str, *, size: int, images_per_class: int, num_classes: int, seed: int
-) -> list[str]:
-    """Write the generated images as ``folder/<class>/<class>_NNNN.png``; returns the class names."""
-    from PIL import Image
-
+def select_photographs(num_classes: int, classes: Sequence[str] | None = None) -> list[str]:
+    """File names of the chosen photographs in class-index order: ``classes`` (names without the
+    extension) sorted, or else the first ``num_classes`` of ``PHOTOGRAPHS`` sorted."""
+    if classes is not None:
+        by_name = {f.rsplit(".", 1)[0]: f for f in PHOTOGRAPHS}
+        unknown = sorted(set(classes) - set(by_name))
+        if unknown or len(set(classes)) != len(classes) or not classes:
+            raise ValueError(f"classes must be distinct names among {sorted(by_name)}, got {list(classes)}")
+        return [by_name[c] for c in sorted(classes)]
     if not 1 <= num_classes <= len(PHOTOGRAPHS):
         raise ValueError(f"num_classes must be in 1..{len(PHOTOGRAPHS)}, got {num_classes}")
-    names = sorted(PHOTOGRAPHS)[:num_classes]
-    classes = []
+    return sorted(PHOTOGRAPHS)[:num_classes]
+
+
+def write_embedded_source(
+    folder: str,
+    *,
+    size: int,
+    images_per_class: int,
+    num_classes: int,
+    seed: int,
+    classes: Sequence[str] | None = None,
+) -> list[str]:
+    """Write the generated images as ``folder/<class>/<class>_NNNN.png``; returns the class names.
+
+    A class's images depend on its photograph, ``seed`` and its class index."""
+    from PIL import Image
+
+    names = select_photographs(num_classes, classes)
+    written = []
     for index, filename in enumerate(names):
         cls = filename.rsplit(".", 1)[0]
-        classes.append(cls)
+        written.append(cls)
         with Image.open(os.path.join(photograph_dir(), filename)) as image:
             photo = image.convert("RGB")
         # Work from a copy about 8x the target: crops stay sharp, resizing stays fast.
@@ -106,7 +140,7 @@ def write_embedded_source(
             _jittered_crop(photo, rng, side).save(
                 os.path.join(folder, cls, f"{cls}_{i:04d}.png"), compress_level=1
             )
-    return classes
+    return written
 
 
 def build_embedded_dataset(
@@ -115,6 +149,7 @@ def build_embedded_dataset(
     size: int = 32,
     images_per_class: int = 32,
     num_classes: int = 16,
+    classes: Sequence[str] | None = None,
     seed: int = 0,
     workers: int = 1,
     compression: str | None = None,
@@ -124,14 +159,20 @@ def build_embedded_dataset(
 ) -> dict[str, Any]:
     """Build the embedded dataset at ``out`` (folder or ``s3://``) and return its summary.
 
-    ``num_classes`` photographs (<= 16) x ``images_per_class`` images, ADM-cropped to ``size``
-    (32 for the demo, 16 for tests). If ``out`` already holds the embedded dataset built with the
+    ``num_classes`` photographs (<= 16; or the photographs named in ``classes``) x
+    ``images_per_class`` images, ADM-cropped to ``size`` (32 for the demo, 16 for tests). If ``out`` already holds the embedded dataset built with the
     same arguments it is returned as is, unless ``overwrite``.
     """
     from fractalgen.pipelines.prepare import PLAN_FILE, prepare_dataset
     from fractalgen.pipelines.summary import read_summary
 
-    params = {"size": size, "images_per_class": images_per_class, "num_classes": num_classes, "seed": seed}
+    if classes is not None:
+        num_classes = len(select_photographs(num_classes, classes))
+    params: dict[str, Any] = {
+        "size": size, "images_per_class": images_per_class, "num_classes": num_classes, "seed": seed,
+    }  # fmt: skip
+    if classes is not None:
+        params["classes"] = sorted(classes)
     if not overwrite and storage.exists(storage.join(out, "index.json"), endpoint=endpoint):
         summary = read_summary(out, endpoint=endpoint)
         if summary.get("embedded") == params:
@@ -148,7 +189,12 @@ def build_embedded_dataset(
     tmp = tempfile.mkdtemp(prefix="fractalgen-embedded-")
     try:
         classes = write_embedded_source(
-            tmp, size=size, images_per_class=images_per_class, num_classes=num_classes, seed=seed
+            tmp,
+            size=size,
+            images_per_class=images_per_class,
+            num_classes=num_classes,
+            seed=seed,
+            classes=classes,
         )
         summary = prepare_dataset(
             tmp,

@@ -109,7 +109,7 @@ def ensure_experiment(c: Any, name: str, tracking_uri: str | None = None) -> str
 
 
 def _grid_png(images: Any, ncols: int | None = None) -> bytes:
-    from fractalgen.platform.generation.images import auto_scale, make_grid
+    from fractalgen.platform.images import auto_scale, make_grid
 
     grid = (make_grid(images, ncols).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     from PIL import Image

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def default_num_passes(model: Any) -> int:
-    """10 forward passes for models with a MAR level, 1 for pure AR models (SPEC, NLL evaluation)."""
+    """10 forward passes for models with a MAR level, 1 for pure AR models (docs/model.md#loss-and-nll)."""
     return 10 if "mar" in model.config.generators else 1
 
 
@@ -104,6 +104,24 @@ def read_images(
         yield denormalise(images)
         if max_images is not None and count >= max_images:
             break
+
+
+def read_labelled_images(
+    uri: str, *, max_images: int | None = None, batch_size: int = 64, endpoint: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The set's images as RGB in [0, 1] (N, 3, S, S) and their labels (N,), at most ``max_images``."""
+    images, labels, count = [], [], 0
+    for batch, batch_labels in _loader(uri, batch_size, endpoint, None):
+        if max_images is not None:
+            batch, batch_labels = batch[: max_images - count], batch_labels[: max_images - count]
+        if batch.size(0) == 0:
+            break
+        count += batch.size(0)
+        images.append(denormalise(batch))
+        labels.append(batch_labels)
+    if not images:
+        raise ValueError(f"{uri} yielded no images")
+    return torch.cat(images), torch.cat(labels).long()
 
 
 def reference_statistics(
