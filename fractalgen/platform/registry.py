@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fractalgen.platform.artifacts.model_store import (
     RegistryError,
@@ -43,9 +43,6 @@ from fractalgen.platform.artifacts.model_store import (
     get_version,
     use_tracking_uri,
 )
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 

@@ -436,7 +436,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> SweepResult:
     from fractalgen.platform import registry
     from fractalgen.platform.evaluation.inception import resolve_weights
     from fractalgen.platform.generation.sampling import pick_device
-    from fractalgen.platform.generation.sources import resolve_model_source
+    from fractalgen.platform.generation.sources import download_version, resolve_model_source
 
     tracking_uri = _tracking_uri(cfg)
     client = MlflowClient(tracking_uri)
@@ -444,7 +444,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> SweepResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fractalgen-sweep-") as work:
         if cfg.model.startswith("models:/"):
-            source = registry.download_version(cfg.model, work, tracking_uri=tracking_uri)
+            source = download_version(cfg.model, work, tracking_uri=tracking_uri)
         else:
             source = resolve_model_source(cfg.model, work_dir=work)
         inception_path = resolve_weights(cfg.eval.inception)
