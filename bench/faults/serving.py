@@ -21,8 +21,6 @@ import contextlib
 import json
 import math
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.faults import Outcome, Settings, scenario
+from bench.faults._proc import end_session, free_port
 
 SERVE_START_TIMEOUT_S = 180.0
 REQUEST_TIMEOUT_S = 60.0
@@ -75,12 +74,6 @@ BAD_INPUTS: list[tuple[str, Any, str]] = [
     ("no rows", {"dataframe_records": [], "params": GOOD_PARAMS}, "label"),
     ("body is not JSON", b'{"dataframe_records": [{"label": 1}', "json"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: Any, timeout_s: float = REQUEST_TIMEOUT_S) -> tuple[int, str]:
@@ -126,17 +119,6 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -
     )
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=15)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @contextlib.contextmanager
 def served_model(work: Path, name: str = "fractalgen-serving-faults") -> Iterator[str]:
     """A tiny registered model served by ``mlflow models serve`` on 127.0.0.1; yields its base URL.
@@ -175,7 +157,7 @@ def served_model(work: Path, name: str = "fractalgen-serving-faults") -> Iterato
         _wait_ready(url, proc, log, SERVE_START_TIMEOUT_S)
         yield url
     finally:
-        _stop(proc)
+        end_session(proc)
 
 
 def percentile(values: list[float], q: float) -> float:

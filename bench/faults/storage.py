@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.faults import Outcome, Settings, scenario
+from bench.faults._proc import end_session
 from bench.faults._s3proxy import FaultProxy, Injection, S3Fixture, matcher
 
 REPO = Path(__file__).resolve().parents[2]
@@ -157,31 +158,13 @@ def _cli(args: list[str], env: dict[str, str], timeout_s: float = CLI_TIMEOUT_S)
             timed_out = ""
         except subprocess.TimeoutExpired:
             code, timed_out = -1, f"did not exit within {timeout_s:.0f} s\n"
-        _kill_session(proc)
+        end_session(proc)
         seconds = time.monotonic() - start
         out.seek(0)
         err.seek(0)
         stdout = out.read().decode(errors="replace")
         stderr = err.read().decode(errors="replace")
     return code, timed_out + stdout[-2000:] + "\n" + stderr[-12000:], seconds
-
-
-def _kill_session(proc: subprocess.Popen) -> None:
-    """End what is left of the session ``proc`` leads (SIGTERM, then SIGKILL after 10 s)."""
-    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                proc.poll()
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
 
 
 def _error_line(text: str, width: int = 700) -> str:
@@ -334,8 +317,8 @@ def _recipe(path: Path, overrides: list[str]) -> str:
 
 @contextlib.contextmanager
 def _own_ray_dir() -> Iterator[None]:
-    """This scenario's Ray runs (in-process and the commands it starts) keep their files in a temp
-    folder of their own (``RAY_TMPDIR``): with the default one, a cluster someone started on this
+    """This scenario's Ray runs (in-process and the commands it starts; also a decorator) keep their
+    files in a temp folder of their own (``RAY_TMPDIR``): with the default one, a cluster someone started on this
     machine with ``ray start`` is the one ``ray.init()`` joins instead of starting a local Ray."""
     import shutil
     import tempfile
@@ -456,16 +439,12 @@ def _local_dataset(work: Path, seed: int) -> str:
 
 # --------------------------------------------------------------------------------- s3-checkpoint
 @scenario("s3-checkpoint", budget_s=600)
+@_own_ray_dir()
 def s3_checkpoint(settings: Settings) -> Outcome:
     """Training with ``checkpoint.storage_path=s3://``: a transient fault in each checkpoint's
     upload (pyarrow's S3FileSystem, Ray Train) must be retried and the run finish with complete
     checkpoints; a persistent one must fail the run with a clear error naming the checkpoint and
     leave every checkpoint readers accept complete."""
-    with _own_ray_dir():
-        return _s3_checkpoint(settings)
-
-
-def _s3_checkpoint(settings: Settings) -> Outcome:
     _quiet()
     outcome = Outcome(
         fault="S3 answers 500 / 503 / SlowDown / throttling, drops or cuts connections, stops and restarts",
@@ -544,15 +523,11 @@ def _s3_checkpoint(settings: Settings) -> Outcome:
 
 # ---------------------------------------------------------------------------------- s3-streaming
 @scenario("s3-streaming", budget_s=600, in_short=False)
+@_own_ray_dir()
 def s3_streaming(settings: Settings) -> Outcome:
     """Training reading ``s3://`` data (mosaicml-streaming's downloads): transient faults on shard
     downloads must be retried and every epoch still see every image once; a persistent one must
     fail the run with a clear error naming the shard, not end epochs early in silence."""
-    with _own_ray_dir():
-        return _s3_streaming(settings)
-
-
-def _s3_streaming(settings: Settings) -> Outcome:
     _quiet()
     outcome = Outcome(
         fault="S3 answers 500 / 503 / SlowDown / throttling, drops or cuts connections, stops and restarts",
@@ -698,15 +673,11 @@ DISK_FULL_WORDS = ("no space left on device", "file too large", "errno 28", "err
 
 
 @scenario("disk-full", budget_s=600)
+@_own_ray_dir()
 def disk_full(settings: Settings) -> Outcome:
     """A full disk under ``data prepare`` (output folder) and under training (``storage_path``): the
     command stops with a clear error, publishes nothing half-written, and after space is freed the
     same command completes the dataset / the last complete checkpoint is the one readers pick."""
-    with _own_ray_dir():
-        return _disk_full(settings)
-
-
-def _disk_full(settings: Settings) -> Outcome:
     _quiet()
     outcome = Outcome(
         fault="disk full (a small tmpfs; else a file-size limit)",

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.faults import Outcome, Settings, scenario
+from bench.faults._proc import free_port
 
 WORLD = 2  # Ray Train workers
 MICRO = 4  # samples per worker per step
@@ -935,7 +936,7 @@ class MlflowServer:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.port = _free_port()
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.log = root / "mlflow-server.log"
@@ -977,14 +978,6 @@ class MlflowServer:
         if self.proc is not None:
             _kill_group(self.proc)
             self.proc = None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @scenario("train-mlflow-outage", budget_s=900, in_short=False)

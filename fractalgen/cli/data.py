@@ -16,6 +16,8 @@ import os
 import sys
 from typing import Any
 
+from fractalgen.cli import CLIError
+
 PREPARE_EPILOG = """\
 sources:
   ImageNet folder   ROOT with train/<wnid>/*.JPEG (and val/ with LOC_val_solution.csv or a
@@ -34,10 +36,13 @@ examples:
 """
 
 
-def _cli_error(err: Exception) -> Exception:
-    from fractalgen.cli import CLIError
+def _write_failed(err: OSError, out: str) -> CLIError:
+    """A full disk, or S3 still failing after its retries (``storage.StorageError``), while a data
+    command wrote ``out``: nothing half-written is published, and the same command resumes."""
+    from fractalgen import storage
 
-    return CLIError(str(err))
+    where = "" if err.filename or isinstance(err, storage.StorageError) else f" (writing {out})"
+    return CLIError(f"{err}{where}; nothing half-written is published: run the same command again to resume")
 
 
 def _class_names_arg(value: str | None, endpoint: str | None) -> list[str] | None:
@@ -61,12 +66,11 @@ def _class_names_arg(value: str | None, endpoint: str | None) -> list[str] | Non
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from fractalgen import storage
     from fractalgen.pipelines import DataError
     from fractalgen.pipelines.prepare import prepare_dataset
 
     if args.size < 1:
-        raise _cli_error(ValueError(f"--size must be positive, got {args.size}"))
+        raise CLIError(f"--size must be positive, got {args.size}")
     try:
         summary = prepare_dataset(
             args.source,
@@ -87,12 +91,9 @@ def _prepare(args: argparse.Namespace) -> int:
             endpoint=args.endpoint_url,
         )
     except (DataError, ValueError) as err:
-        raise _cli_error(err) from err
-    except OSError as err:  # a full disk, or S3 still failing after the retries (storage.StorageError)
-        where = "" if err.filename or isinstance(err, storage.StorageError) else f" (writing {args.out})"
-        raise _cli_error(
-            OSError(f"{err}{where}; nothing half-written is published: run the same command again to resume")
-        ) from err
+        raise CLIError(str(err)) from err
+    except OSError as err:
+        raise _write_failed(err, args.out) from err
     print(
         f"{args.out}: {summary['num_images']} images, {summary['num_classes']} classes, "
         f"{summary['image_size']}px {summary['image_format']}, {summary['num_shards']} shards, "
@@ -159,7 +160,7 @@ def _inspect(args: argparse.Namespace) -> int:
             endpoint=args.endpoint_url,
         )
     except DataError as err:
-        raise _cli_error(err) from err
+        raise CLIError(str(err)) from err
     if args.json:
         json.dump(info, sys.stdout, indent=2)
         print()
@@ -184,7 +185,9 @@ def _embedded(args: argparse.Namespace) -> int:
             endpoint=args.endpoint_url,
         )
     except (DataError, ValueError) as err:
-        raise _cli_error(err) from err
+        raise CLIError(str(err)) from err
+    except OSError as err:
+        raise _write_failed(err, args.out) from err
     print(
         f"{args.out}: {summary['num_images']} images, {summary['num_classes']} classes, {summary['image_size']}px"
     )

@@ -130,16 +130,13 @@ def _integer(name: str, value: Any) -> int:
 
 
 def _real(name: str, value: Any) -> float:
-    """``value`` as a finite float (numbers, or text that reads as one); else BadRequest."""
-    if isinstance(value, bool | np.bool_):
-        raise BadRequest(f"{name} must be a number, got {value!r}")
+    """``value`` as a finite float by the one float coercion (``config.to_float``); else BadRequest."""
+    from fractalgen.config import ConfigError, to_float
+
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise BadRequest(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise BadRequest(f"{name} must be a finite number, got {value!r}")
-    return number
+        return to_float(value.item() if isinstance(value, np.generic) else value, name)
+    except ConfigError as err:
+        raise BadRequest(str(err)) from None
 
 
 def check_request(model_input: Any, params: dict[str, Any] | None, config: Any) -> dict[str, Any]:
