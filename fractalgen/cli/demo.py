@@ -285,7 +285,7 @@ def _demo(args: argparse.Namespace) -> int:
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="build the embedded dataset, train the demo recipe on local Ray + DeepSpeed, sample a grid",
+        help="build the embedded dataset, train the demo recipe on local Ray + DeepSpeed, show that it learned (before/after samples, loss curve)",
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
