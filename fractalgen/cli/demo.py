@@ -196,7 +196,7 @@ def learning_evidence(
         side_by_side,
     )
     from fractalgen.platform.generation.sampling import generate_images, load_model
-    from fractalgen.platform.generation.settings import SamplingSettings
+    from fractalgen.sampling_settings import SamplingSettings
 
     with torch.random.fork_rng():
         torch.manual_seed(cfg.train.seed)  # as train_loop_per_worker: the weights training started from

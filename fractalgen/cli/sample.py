@@ -40,7 +40,7 @@ from fractalgen.platform.images import auto_scale, make_grid, save_png
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from fractalgen.platform.generation.settings import SamplingSettings
+    from fractalgen.sampling_settings import SamplingSettings
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace, source: Any = None) -> SamplingSettings:
     """SamplingSettings from the flags, over the registered version's best settings (unless disabled)."""
-    from fractalgen.platform.generation.settings import SamplingSettings, parse_iters
+    from fractalgen.sampling_settings import SamplingSettings, parse_iters
 
     try:
         flags = SamplingSettings(
@@ -213,9 +213,9 @@ class GenerationRecorder:
             km = None if known_mask is None else known_mask.detach().cpu().clone()
             self.events.append(("enter", level, n, km))
 
-            def recorded_next(c, w, k, m):
+            def recorded_next(c, w, k, m, s):
                 self.events.append(("next", level))
-                out = next_level(c, w, k, m)
+                out = next_level(c, w, k, m, s)
                 self.events.append(("done", level, out.detach().float().cpu().clone()))
                 return out
 

@@ -17,6 +17,7 @@ from fractalgen.models.conditions import Conditions, SampleSettings
 from fractalgen.models.layers import ARBlock, KVCache, init_weights, rope_2d_table
 from fractalgen.models.mar import NextLevel, StepHook
 from fractalgen.models.patches import patchify, patchify_mask, unpatchify
+from fractalgen.sampling_settings import GuidanceSchedule, parse_schedule
 
 
 class ARLevel(nn.Module):
@@ -92,7 +93,7 @@ class ARLevel(nn.Module):
         kp: Tensor,
         km: Tensor,
         cfg_step: Tensor,
-        guided: bool,
+        settings: SampleSettings,
         next_level: NextLevel,
     ) -> Tensor:
         """Patch ``step`` of every image (n, 3p^2) when some are known: known ones are copied, the
@@ -101,10 +102,10 @@ class ARLevel(nn.Module):
         new = torch.where(full[:, step, None], kp[:, step], torch.zeros_like(kp[:, step]))
         todo = ~full[:, step]  # (n,)
         if bool(todo.any()):
-            sel = torch.cat([todo, todo]) if guided else todo
+            sel = torch.cat([todo, todo]) if settings.guided else todo
             sub_known = kp[todo, step].reshape(-1, 3, p, p)
             sub_mask = km[todo, step].reshape(-1, p, p)
-            out = next_level(Conditions(h[sel].unsqueeze(1)), cfg_step[todo], sub_known, sub_mask)
+            out = next_level(Conditions(h[sel].unsqueeze(1)), cfg_step[todo], sub_known, sub_mask, settings)
             new[todo] = out.reshape(out.size(0), -1).to(new.dtype)
         return new
 
@@ -115,20 +116,25 @@ class ARLevel(nn.Module):
         *,
         num_iter: int,
         cfg: Tensor,
-        cfg_schedule: str,
+        cfg_schedule: GuidanceSchedule | str,
         settings: SampleSettings,
         next_level: NextLevel,
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
         use_cache: bool = True,
         on_step: StepHook | None = None,
+        skip_unguided: bool = True,
     ) -> Tensor:
         """Generate n images (n, 3, S, S), normalised, one patch per step in raster order.
 
         ``num_iter`` is ignored: an AR level always takes ``seq_len`` steps. ``use_cache=False``
         recomputes the whole prefix each step (the reference the cached path must equal).
+        ``cfg_schedule`` and ``skip_unguided`` as in ``MARLevel.sample``; a step left unguided still
+        feeds both halves through the transformer (the cache needs every step of both), but the
+        levels below it sample the conditional half only.
         """
         del num_iter
+        schedule = parse_schedule(cfg_schedule)
         guided = settings.guided
         n = len(conds) // 2 if guided else len(conds)
         L, p = self.seq_len, self.patch_size
@@ -165,15 +171,17 @@ class ARLevel(nn.Module):
                 for block in self.blocks:
                     x = block(x, rope)
                 h = self.norm(x)[:, -1]
-            if cfg_schedule == "linear":
-                cfg_step = 1 + (cfg - 1) * (step + 1) / L
-            else:
-                cfg_step = cfg
+            cfg_step = schedule.weight(cfg, step + 1, L, step, L)
+            step_settings = settings.at_step(step, L, unguided=skip_unguided and not schedule.active(step, L))
+            if step_settings.guided != guided:
+                h = h[:n]  # the conditional half
             if kp is None:  # nothing known: every row gets a patch (no selection, no device sync)
-                out = next_level(Conditions(h.unsqueeze(1)), cfg_step, None, None)
+                out = next_level(Conditions(h.unsqueeze(1)), cfg_step, None, None, step_settings)
                 patches[:, step] = out.reshape(n, -1).to(dtype)
             else:
-                patches[:, step] = self._known_step(h, step, full, kp, km, cfg_step, guided, next_level)
+                patches[:, step] = self._known_step(
+                    h, step, full, kp, km, cfg_step, step_settings, next_level
+                )
             if on_step is not None:
                 done = torch.zeros(n, L, dtype=torch.bool, device=device)
                 done[:, : step + 1] = True

@@ -15,7 +15,10 @@ Training with mask buckets (``FractalConfig.mask_buckets``) pads each level's se
 patches to a bucket size; ``valid`` (N,) bool then marks the real rows (the first ``num_valid``, a
 host-side count so the next level needs no device sync) and every loss below averages over them only.
 
-``SampleSettings`` holds the sampling knobs that travel down the recursion unchanged.
+``SampleSettings`` is the state of one sampling call that travels down the recursion: whether the
+batch carries the unconditional half, the temperature of the current top-level step, the filter and
+the random generator. It is derived from the user-facing ``fractalgen.sampling_settings.SamplingSettings``
+by ``FractalGen.sample``; it is not a second way to describe a setting.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
+
+from fractalgen.sampling_settings import temperature_at
 
 
 @dataclass(frozen=True)
@@ -68,10 +73,24 @@ class SampleSettings:
     """Sampling knobs shared by every level (docs/model.md#sampling).
 
     ``guided``: the batch is doubled, conditional half first and unconditional half second.
-    ``temperature`` multiplies the logits (released meaning: t > 1 sharpens).
+    ``temperature`` multiplies the logits (released meaning: t > 1 sharpens); ``temperature_end``
+    (top level only): it ramps linearly to this over the top level's steps.
     """
 
     guided: bool
     temperature: float = 1.0
     filter_threshold: float = 1e-4
     generator: torch.Generator | None = None
+    temperature_end: float | None = None
+
+    def at_step(self, step: int, steps: int, *, unguided: bool = False) -> SampleSettings:
+        """The settings of one step of a level: its temperature (fixed from then on, for the levels
+        below) and, with ``unguided``, without the unconditional half."""
+        if self.temperature_end is None and not (unguided and self.guided):
+            return self
+        return replace(
+            self,
+            temperature=temperature_at(self.temperature, self.temperature_end, step, steps),
+            temperature_end=None,
+            guided=self.guided and not unguided,
+        )

@@ -16,7 +16,6 @@ import math
 from collections.abc import Callable
 from contextlib import contextmanager
 from functools import partial
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +25,7 @@ from fractalgen.models.conditions import Conditions, SampleSettings
 from fractalgen.models.configs import IMAGENET_MEAN, IMAGENET_STD, FractalConfig, get_config
 from fractalgen.models.mar import MARLevel
 from fractalgen.models.pixel_head import PixelHead
+from fractalgen.sampling_settings import Constant, GuidanceSchedule, SamplingSettings
 
 
 class FractalGen(nn.Module):
@@ -131,23 +131,34 @@ class FractalGen(nn.Module):
         cfg: Tensor,
         known: Tensor | None,
         known_mask: Tensor | None,
+        settings: SampleSettings,
         *,
         num_iters: tuple[int, ...],
-        cfg_schedule: str,
-        settings: SampleSettings,
+        cfg_schedule: GuidanceSchedule,
+        lower_cfg: float | None = None,
+        lower_cfg_schedule: GuidanceSchedule | None = None,
         on_step: Callable[[Tensor, Tensor], None] | None = None,
     ) -> Tensor:
+        """One level's generation; the levels below get the step's weight (released: as a constant),
+        or ``lower_cfg`` under ``lower_cfg_schedule`` when set (docs/model.md#guidance-schedules)."""
         head = self.next_fractal
+        if self.level > 0 and lower_cfg is not None:
+            cfg = torch.full_like(cfg, lower_cfg)
         if isinstance(head, PixelHead):
 
-            def next_level(c: Conditions, w: Tensor, k: Tensor | None, m: Tensor | None) -> Tensor:
+            def next_level(
+                c: Conditions, w: Tensor, k: Tensor | None, m: Tensor | None, s: SampleSettings
+            ) -> Tensor:
                 kk = None if k is None else k.reshape(-1, 3)
                 mm = None if m is None else m.reshape(-1)
-                return head.sample(c, w, settings, kk, mm).view(-1, 3, 1, 1)
+                return head.sample(c, w, s, kk, mm).view(-1, 3, 1, 1)
         else:
-            # lower levels get the guidance scale of this step as a constant (docs/model.md#guidance)
             next_level = partial(
-                head._sample_level, num_iters=num_iters, cfg_schedule="constant", settings=settings
+                head._sample_level,
+                num_iters=num_iters,
+                cfg_schedule=lower_cfg_schedule or Constant(),
+                lower_cfg=lower_cfg,
+                lower_cfg_schedule=lower_cfg_schedule,
             )
         return self.generator.sample(
             conds,
@@ -159,6 +170,8 @@ class FractalGen(nn.Module):
             known=known,
             known_mask=known_mask,
             on_step=on_step,
+            # an unguided step may drop the unconditional half when the levels below follow its weight
+            skip_unguided=lower_cfg is None or isinstance(head, PixelHead),
         )
 
     @torch.no_grad()
@@ -168,8 +181,11 @@ class FractalGen(nn.Module):
         *,
         num_iters: tuple[int, ...] | None = None,
         cfg: float | None = None,
-        cfg_schedule: Literal["linear", "constant"] | None = None,
+        cfg_schedule: GuidanceSchedule | str | None = None,
+        lower_cfg: float | None = None,
+        lower_cfg_schedule: GuidanceSchedule | str | None = None,
         temperature: float | None = None,
+        temperature_end: float | None = None,
         filter_threshold: float = 1e-4,
         generator: torch.Generator | None = None,
         seed: int | None = None,
@@ -180,10 +196,14 @@ class FractalGen(nn.Module):
         """Class-conditional images (B, 3, S, S) with values k/255 in [0, 1].
 
         labels (B,) class indices. ``num_iters`` per level (AR levels always take seq_len steps),
-        ``cfg`` the guidance scale (1.0: no guidance), ``cfg_schedule`` ``linear`` or ``constant`` at
-        the top level, ``temperature`` MULTIPLIES the logits (released meaning: > 1 sharpens). Unset
-        values take the configuration's released defaults. ``seed`` (or a ``generator`` on the
-        labels' device) makes the result reproducible.
+        ``cfg`` the guidance scale (1.0: no guidance) and ``cfg_schedule`` its schedule over the top
+        level's steps (a ``GuidanceSchedule`` or its spec such as ``"power-cosine:exponent=3"``);
+        ``lower_cfg`` / ``lower_cfg_schedule`` the guidance of the levels below (unset: the top step's
+        weight as a constant, released); ``temperature`` MULTIPLIES the logits (released meaning: > 1
+        sharpens), ramping linearly to ``temperature_end`` over the top level's steps when that is
+        set. The settings are those of ``fractalgen.sampling_settings.SamplingSettings``
+        (docs/model.md#guidance-schedules). Unset values take the configuration's released defaults.
+        ``seed`` (or a ``generator`` on the labels' device) makes the result reproducible.
 
         Conditional prediction (inpainting, outpainting, uncropping, editing): ``known`` (B, 3, S, S)
         in [0, 1] and ``known_mask`` (B, S, S) bool, True where a pixel is given; only the other
@@ -194,27 +214,23 @@ class FractalGen(nn.Module):
         (for animations of the generation process, paper Figure 3).
         """
         c = self.config
-        if c.num_classes == 1 and cfg not in (None, 1.0):
-            raise ValueError(
-                f"this model is unconditional (1 class): classifier-free guidance needs a class to guide "
-                f"towards, so cfg must be 1.0, got {cfg}"
-            )
+        for key, value in (("cfg", cfg), ("lower_cfg", lower_cfg)):
+            if c.num_classes == 1 and value not in (None, 1.0):
+                raise ValueError(
+                    f"this model is unconditional (1 class): classifier-free guidance needs a class to "
+                    f"guide towards, so {key} must be 1.0, got {value}"
+                )
         if c.num_classes == 1:
             cfg = 1.0
-        num_iters = tuple(num_iters) if num_iters is not None else c.default_iters()
+        s = SamplingSettings(
+            num_iters=num_iters, cfg=cfg, cfg_schedule=cfg_schedule, lower_cfg=lower_cfg,
+            lower_cfg_schedule=lower_cfg_schedule, temperature=temperature, temperature_end=temperature_end,
+            filter_threshold=filter_threshold,
+        ).resolved(c)  # fmt: skip
+        num_iters = s.num_iters
+        assert num_iters is not None and s.cfg is not None and s.cfg_schedule is not None
         if len(num_iters) != c.num_levels:
             raise ValueError(f"num_iters needs {c.num_levels} entries, got {num_iters}")
-        if any(i < 1 for i in num_iters):
-            raise ValueError(f"num_iters must be >= 1, got {num_iters}")
-        cfg = float(c.sample_cfg if cfg is None else cfg)
-        if cfg < 1.0:
-            raise ValueError(f"cfg must be >= 1.0, got {cfg}")
-        cfg_schedule = cfg_schedule or c.sample_cfg_schedule
-        if cfg_schedule not in ("linear", "constant"):
-            raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
-        temperature = float(c.sample_temperature if temperature is None else temperature)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         if labels.dim() != 1:
             raise ValueError("labels must be a 1-D tensor of class indices")
         values = labels.tolist()  # for labels already on the host: no aten op, so no sync later on
@@ -237,14 +253,15 @@ class FractalGen(nn.Module):
             known_mask = known_mask.to(device=device, dtype=torch.bool)
             known_norm = (known - self.pix_mean) / self.pix_std
 
-        guided = cfg != 1.0
+        guided = s.cfg != 1.0 or (c.num_levels > 1 and s.lower_cfg not in (None, 1.0))
         emb = self.class_emb(labels)  # (n, D)
         if guided:
             emb = torch.cat([emb, self.fake_latent.expand(n, -1).to(emb.dtype)])  # (2n, D)
         conds = Conditions(emb.unsqueeze(1).expand(-1, c.num_conds, -1))
         settings = SampleSettings(
-            guided=guided, temperature=temperature, filter_threshold=filter_threshold, generator=generator
-        )
+            guided=guided, temperature=float(s.temperature or 0), filter_threshold=s.filter_threshold,
+            generator=generator, temperature_end=s.temperature_end,
+        )  # fmt: skip
 
         def to_images(out: Tensor) -> Tensor:
             images = ((out.float() * self.pix_std + self.pix_mean) * 255).round().clamp(0, 255) / 255
@@ -266,12 +283,14 @@ class FractalGen(nn.Module):
         with evaluation(self):
             out = self._sample_level(
                 conds,
-                torch.full((n,), cfg, device=device),
+                torch.full((n,), s.cfg, device=device),
                 known_norm,
                 known_mask,
+                settings,
                 num_iters=num_iters,
-                cfg_schedule=cfg_schedule,
-                settings=settings,
+                cfg_schedule=s.cfg_schedule,
+                lower_cfg=s.lower_cfg,
+                lower_cfg_schedule=s.lower_cfg_schedule,
                 on_step=hook,
             )
         return to_images(out)

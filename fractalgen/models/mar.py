@@ -19,9 +19,11 @@ from fractalgen.models.conditions import Conditions, SampleSettings
 from fractalgen.models.layers import Block, init_weights
 from fractalgen.models.patches import neighbour_conditions, patchify, patchify_mask, unpatchify
 from fractalgen.models.pixel_head import PixelHead
+from fractalgen.sampling_settings import GuidanceSchedule, parse_schedule
 
-# (conds, cfg per row, known sub-images (M,3,p,p) | None, known masks (M,p,p) | None) -> (M,3,p,p)
-NextLevel = Callable[[Conditions, Tensor, Tensor | None, Tensor | None], Tensor]
+# (conds, cfg per row, known sub-images (M,3,p,p) | None, known masks (M,p,p) | None, the step's
+# settings) -> (M,3,p,p); conds has 2M rows when the step's settings are guided
+NextLevel = Callable[[Conditions, Tensor, Tensor | None, Tensor | None, SampleSettings], Tensor]
 
 # called after each generation step with the canvas so far (n, 3, S, S) and the done patches (n, L)
 StepHook = Callable[[Tensor, Tensor], None]
@@ -204,14 +206,6 @@ class MARLevel(nn.Module):
         """Cosine schedule: patches still masked after ``step`` (before the per-image clamps)."""
         return math.floor(self.seq_len * math.cos(math.pi / 2.0 * (step + 1) / num_iter))
 
-    def _step_cfg(self, cfg: Tensor, cfg_schedule: str, next_count: Tensor | int) -> Tensor:
-        """Guidance scale of a step (n,): ``linear`` rises with the share of patches generated."""
-        if cfg_schedule != "linear":
-            return cfg
-        if isinstance(next_count, Tensor):
-            next_count = next_count.to(cfg.dtype)
-        return 1 + (cfg - 1) * (self.seq_len - next_count) / self.seq_len
-
     def _sample_uniform(
         self,
         patches: Tensor,
@@ -219,8 +213,9 @@ class MARLevel(nn.Module):
         conds: Conditions,
         num_iter: int,
         cfg: Tensor,
-        cfg_schedule: str,
-        guided: bool,
+        schedule: GuidanceSchedule,
+        settings: SampleSettings,
+        skip_unguided: bool,
         next_level: NextLevel,
         on_step: StepHook | None,
     ) -> Tensor:
@@ -243,19 +238,28 @@ class MARLevel(nn.Module):
             # the released schedule: the guidance of the last step uses the clamped count too
             scheduled_count = max(min(masked_now - 1, self._scheduled(step, num_iter)), 1)
             next_count = 0 if step == num_iter - 1 else scheduled_count
-            cfg_step = self._step_cfg(cfg, cfg_schedule, scheduled_count)
+            cfg_step = schedule.weight(cfg, L - scheduled_count, L, step, num_iter)
+            step_settings = settings.at_step(
+                step, num_iter, unguided=skip_unguided and not schedule.active(step, num_iter)
+            )
+            guided = step_settings.guided
             k = masked_now - next_count
             if k > 0:
                 mask = ranks < masked_now  # (n, L)
                 inp_patches = torch.cat([patches, patches]) if guided else patches
                 inp_mask = torch.cat([mask, mask]) if guided else mask
-                cond_all = self.predict(inp_patches, inp_mask, conds)  # (n or 2n, L, 5, D)
+                step_conds = conds if guided or not settings.guided else conds.select(slice(0, n))
+                cond_all = self.predict(inp_patches, inp_mask, step_conds)  # (n or 2n, L, 5, D)
                 pos = order[:, next_count:masked_now].sort(dim=1).values  # (n, k)
                 pos_all = torch.cat([pos, pos]) if guided else pos
                 C, D = cond_all.shape[-2:]
                 picked = cond_all.gather(1, pos_all[:, :, None, None].expand(-1, -1, C, D))  # (R, k, C, D)
                 new = next_level(
-                    Conditions(picked.flatten(0, 1)), cfg_step[:, None].expand(n, k).reshape(-1), None, None
+                    Conditions(picked.flatten(0, 1)),
+                    cfg_step[:, None].expand(n, k).reshape(-1),
+                    None,
+                    None,
+                    step_settings,
                 )
                 patches = patches.scatter(
                     1, pos[:, :, None].expand(-1, -1, width), new.reshape(n, k, width).to(patches.dtype)
@@ -272,19 +276,24 @@ class MARLevel(nn.Module):
         *,
         num_iter: int,
         cfg: Tensor,
-        cfg_schedule: str,
+        cfg_schedule: GuidanceSchedule | str,
         settings: SampleSettings,
         next_level: NextLevel,
         known: Tensor | None = None,
         known_mask: Tensor | None = None,
         on_step: StepHook | None = None,
+        skip_unguided: bool = True,
     ) -> Tensor:
         """Generate n images (n, 3, S, S), normalised; ``conds`` has 2n rows when guided.
 
-        ``cfg`` (n,) is the guidance scale per image. ``on_step`` sees the canvas after each step.
+        ``cfg`` (n,) is the guidance scale per image; ``cfg_schedule`` its schedule over the steps
+        (fractalgen/sampling_settings.py). With ``skip_unguided``, a step the schedule leaves unguided
+        runs only the conditional half (the caller sets it when the levels below then guide neither).
+        ``on_step`` sees the canvas after each step.
         ``known`` (n, 3, S, S) / ``known_mask`` (n, S, S):
         fully known patches are fixed from the start, partly known ones are passed down.
         """
+        schedule = parse_schedule(cfg_schedule)
         guided = settings.guided
         n = len(conds) // 2 if guided else len(conds)
         L, p = self.seq_len, self.patch_size
@@ -311,8 +320,9 @@ class MARLevel(nn.Module):
         if kp is None:
             # nothing known: every image has the same counts, so they are computed on the host
             patches = self._sample_uniform(
-                patches, keys.argsort(dim=1), conds, num_iter, cfg, cfg_schedule, guided, next_level, on_step
-            )
+                patches, keys.argsort(dim=1), conds, num_iter, cfg, schedule, settings, skip_unguided,
+                next_level, on_step,
+            )  # fmt: skip
             return unpatchify(patches, p)
         ranks = keys.argsort(dim=1).argsort(dim=1)
         mask = ~full  # (n, L): still to generate
@@ -328,16 +338,23 @@ class MARLevel(nn.Module):
             else:
                 mask_next = ranks < next_count.unsqueeze(1)
                 to_pred = mask & ~mask_next
-            cfg_step = self._step_cfg(cfg, cfg_schedule, next_count)
+            cfg_step = schedule.weight(cfg, L - next_count.to(cfg.dtype), L, step, num_iter)
+            step_settings = settings.at_step(
+                step, num_iter, unguided=skip_unguided and not schedule.active(step, num_iter)
+            )
+            step_guided = step_settings.guided
             if bool(to_pred.any()):
-                inp_patches = torch.cat([patches, patches]) if guided else patches
-                inp_mask = torch.cat([mask, mask]) if guided else mask
-                cond_all = self.predict(inp_patches, inp_mask, conds)  # (n or 2n, L, 5, D)
-                sel = torch.cat([to_pred, to_pred]) if guided else to_pred
+                inp_patches = torch.cat([patches, patches]) if step_guided else patches
+                inp_mask = torch.cat([mask, mask]) if step_guided else mask
+                step_conds = conds if step_guided or not guided else conds.select(slice(0, n))
+                cond_all = self.predict(inp_patches, inp_mask, step_conds)  # (n or 2n, L, 5, D)
+                sel = torch.cat([to_pred, to_pred]) if step_guided else to_pred
                 rows = to_pred.nonzero(as_tuple=True)[0]  # image index of each predicted patch
                 sub_known = kp[to_pred].reshape(-1, 3, p, p)
                 sub_mask = km[to_pred].reshape(-1, p, p) if km is not None else None
-                new = next_level(Conditions(cond_all[sel]), cfg_step[rows], sub_known, sub_mask)
+                new = next_level(
+                    Conditions(cond_all[sel]), cfg_step[rows], sub_known, sub_mask, step_settings
+                )
                 patches[to_pred] = new.reshape(new.size(0), -1).to(dtype)
             mask = mask_next
             if on_step is not None:

@@ -149,8 +149,8 @@ def register_checkpoint(
     from fractalgen.models.checkpoint import read_checkpoint
     from fractalgen.platform.generation.sampling import balanced_labels, generate_images
     from fractalgen.platform.generation.serving import CHECKPOINT_ARTIFACT, FractalGenPyfunc, default_params
-    from fractalgen.platform.generation.settings import SamplingSettings
     from fractalgen.platform.generation.sources import resolve_model_source
+    from fractalgen.sampling_settings import SamplingSettings
 
     c = client(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="fractalgen-register-") as work:
@@ -344,7 +344,7 @@ class VersionSummary:
 
     @property
     def best_settings(self) -> str:
-        from fractalgen.platform.generation.settings import SamplingSettings
+        from fractalgen.sampling_settings import SamplingSettings
 
         s = SamplingSettings.from_tags(self.tags)
         return s.describe() if s.to_tags() else "-"

@@ -102,7 +102,7 @@ def _deterministic_next_level(p: int):
     """A stand-in for the lower levels: a fixed function of the middle condition."""
     proj = torch.randn(32, 3 * p * p, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
-    def next_level(conds: Conditions, cfg: torch.Tensor, known, known_mask) -> torch.Tensor:
+    def next_level(conds: Conditions, cfg: torch.Tensor, known, known_mask, settings) -> torch.Tensor:
         mid = conds.middle
         n = mid.size(0) // 2 if mid.size(0) != cfg.size(0) else mid.size(0)
         out = torch.tanh(mid[:n] @ proj) * cfg[:, None]

@@ -87,7 +87,7 @@ def test_sampling_rejects_bad_settings() -> None:
     with pytest.raises(ValueError, match="labels"):
         model.sample(torch.tensor([10]))
     with pytest.raises(ValueError, match="cfg_schedule"):
-        model.sample(torch.tensor([0]), cfg_schedule="cosine")  # type: ignore[arg-type]
+        model.sample(torch.tensor([0]), cfg_schedule="cubic")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="temperature"):
         model.sample(torch.tensor([0]), temperature=0.0)
 
@@ -100,7 +100,7 @@ def test_mar_schedule_and_linear_guidance() -> None:
     level = MARLevel(seq_len=L, patch_size=1, cond_dim=4, dim=8, depth=1, num_heads=2).eval()
     calls: list[tuple[int, float]] = []
 
-    def next_level(conds: Conditions, cfg: torch.Tensor, known, known_mask) -> torch.Tensor:
+    def next_level(conds: Conditions, cfg: torch.Tensor, known, known_mask, settings) -> torch.Tensor:
         m = len(conds) // 2
         calls.append((m, float(cfg[0])))
         assert torch.all(cfg == cfg[0])
@@ -249,7 +249,7 @@ def test_ar_guidance_schedule_and_constant_lower_levels(schedule: str) -> None:
     assert len(got1) == L and len(got_head) == L * L1
     for s, (cfg, sched) in enumerate(got1):
         expect = 1 + (w - 1) * (s + 1) / L if schedule == "linear" else w
-        assert sched == "constant"
+        assert str(sched) == "constant"
         assert cfg.shape == (3,)
         assert cfg.tolist() == pytest.approx([expect] * 3, abs=1e-6)
         for h in got_head[s * L1 : (s + 1) * L1]:  # every step of level 1 passes w_s on unchanged

@@ -106,7 +106,7 @@ def test_ray_workers_give_the_same_features_as_one_process(
     import ray
 
     from fractalgen.platform.generation.sampling import GenerationJob, balanced_labels, generate_features
-    from fractalgen.platform.generation.settings import SamplingSettings
+    from fractalgen.sampling_settings import SamplingSettings
 
     job = GenerationJob(
         labels=balanced_labels(4, 4), settings=SamplingSettings(num_iters=(2, 2)), batch_size=2, seed=3

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from fractalgen.platform.generation.settings import SamplingSettings
 from fractalgen.platform.ray_connect import connect_ray
+from fractalgen.sampling_settings import SamplingSettings
 
 if TYPE_CHECKING:
     from fractalgen.models import FractalGen

@@ -145,7 +145,7 @@ def check_request(model_input: Any, params: dict[str, Any] | None, config: Any) 
     Returns ``{"labels", "settings" (SamplingSettings), "seed", "batch_size"}``; raises
     ``BadRequest`` naming the first bad value (module docstring lists the rules).
     """
-    from fractalgen.platform.generation.settings import SamplingSettings
+    from fractalgen.sampling_settings import SamplingSettings
 
     p = {**default_params(config), **(params or {})}
     limit = max_images()

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 from fractalgen.platform.artifacts.checkpoints import CheckpointNotFound, export_consolidated
 from fractalgen.platform.artifacts.model_store import _checkpoint_in_model_dir, client, resolve_version
-from fractalgen.platform.generation.settings import SamplingSettings
+from fractalgen.sampling_settings import SamplingSettings
 
 
 @dataclass

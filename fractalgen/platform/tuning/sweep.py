@@ -39,7 +39,7 @@ from fractalgen.config import ConfigError, dumps, load, to_dict
 from fractalgen.platform.ray_connect import connect_ray
 
 if TYPE_CHECKING:
-    from fractalgen.platform.generation.settings import SamplingSettings
+    from fractalgen.sampling_settings import SamplingSettings
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def param_space(cfg: SweepConfig) -> dict[str, Any]:
 
 def trial_settings(config: dict[str, Any]) -> SamplingSettings:
     """The SamplingSettings of a trial's config."""
-    from fractalgen.platform.generation.settings import SamplingSettings, parse_iters
+    from fractalgen.sampling_settings import SamplingSettings, parse_iters
 
     iters = config.get("num_iters", "default")
     return SamplingSettings(
