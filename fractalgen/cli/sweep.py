@@ -34,12 +34,15 @@ def _run(args: argparse.Namespace) -> int:
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "sweep",
-        help="Ray Tune sweep of sampling settings (guidance, temperature, schedule, iterations) by FID",
+        help="Ray Tune sweep of sampling settings (guidance, schedules, temperature, iterations) by FID",
         description=(
-            "Search guidance scale, temperature, guidance schedule and iterations per level with Ray Tune "
-            "(grid or Optuna, one GPU per trial, ASHA early stopping over the number of images). Every trial "
-            "is an MLflow run nested under the sweep's run; the best setting is written to the registered "
-            "model version as tags; results go to a Parquet table and a plot of FID against guidance scale."
+            "Search guidance scale, guidance schedules and their parameters, lower-level guidance, temperature "
+            "(and its ramp), filter threshold and iterations per level with Ray Tune (grid or Optuna, one GPU "
+            "per trial, ASHA early stopping over the number of images), next to the model's released setting. "
+            "Every trial is an MLflow run nested under the sweep's run, with its sampling seconds per image; "
+            "the best setting is written to the registered model version as tags; results go to a Parquet "
+            "table, a plot of FID against guidance scale, and the Pareto front of FID against IS "
+            "(precision, recall) as a table (pareto.parquet, pareto.md) and a plot (pareto.png)."
         ),
     )
     p.add_argument("--config", help="sweep recipe (configs/sweep_*.yaml)")

@@ -43,6 +43,7 @@ from fractalgen.platform.artifacts.model_store import (
     get_version,
     use_tracking_uri,
 )
+from fractalgen.sampling_settings import TAG_PREFIX as SAMPLING_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -322,10 +323,17 @@ def set_best_settings(
     *,
     tracking_uri: str | None = None,
 ) -> None:
-    """Write a sweep's best sampling settings (``sampling.*``) and its results (``sweep.*``) as tags."""
+    """Write a sweep's best sampling settings (``sampling.*``, every set field: the schedule's spec,
+    ``lower_*``, ``temperature_end``, ``filter_threshold`` ...) and its results (``sweep.*``) as tags.
+    ``sampling.*`` tags of an earlier sweep that this setting leaves unset are removed, so the
+    version's tags always read back (``SamplingSettings.from_tags``) as exactly this setting."""
     c = client(tracking_uri)
     mv = get_version(name, version, c=c)
-    for key, value in settings.to_tags().items():
+    new = settings.to_tags()
+    for key in sorted(set(mv.tags or {}) - set(new)):
+        if key.startswith(SAMPLING_PREFIX):
+            c.delete_model_version_tag(name, mv.version, key)
+    for key, value in new.items():
         c.set_model_version_tag(name, mv.version, key, value)
     for key, value in results.items():
         c.set_model_version_tag(name, mv.version, f"{SWEEP_PREFIX}{key}", _fmt(value))

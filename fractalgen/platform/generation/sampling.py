@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -146,15 +147,19 @@ class GenerationWorker:
         return path
 
     def run(self, job: GenerationJob, batch: tuple[int, int, int]) -> dict[str, Any]:
-        """Sample batch ``(i, start, stop)`` with seed ``job.seed + i``; return features and logits."""
+        """Sample batch ``(i, start, stop)`` with seed ``job.seed + i``; return features and logits (and
+        ``sample_seconds``: the time spent generating, without the Inception network)."""
         from fractalgen.platform.evaluation.inception import extract_features
 
         i, start, stop = batch
+        t0 = time.perf_counter()  # generation only (sample_batch returns CPU tensors: the device is done)
         images = sample_batch(self.model, job.labels[start:stop], job.settings, job.seed + i)
+        sample_seconds = time.perf_counter() - t0
         feats, logits = extract_features(
             self.inception, images.to(self.device), batch_size=max(1, stop - start)
         )
-        out = {"index": i, "features": feats.astype(np.float32), "logits": logits.astype(np.float32)}
+        out = {"index": i, "features": feats.astype(np.float32), "logits": logits.astype(np.float32),
+               "sample_seconds": sample_seconds}  # fmt: skip
         if job.keep_images:
             out["images"] = to_uint8(images)
         return out
