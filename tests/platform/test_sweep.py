@@ -282,6 +282,7 @@ def test_sweep_four_trials_nested_runs_and_best_setting_tags(
             "space.cfg=[1.0, 2.0]",
             "space.temperature=[1.0, 1.5]",
             "space.num_iters=[[2, 2]]",
+            "search.include_released=false",  # the grid alone (the released baseline: the test below)
             f"eval.reference={reference}",
             f"eval.inception={inception_weights}",
             "eval.num_images=4",
@@ -432,3 +433,47 @@ def test_sweep_over_schedule_families_pareto_and_sample_uses_the_winner(
     )
     used = json.loads((samples / "sample.json").read_text())["settings"]
     assert used == {k.split(".", 1)[1]: v for k, v in winner.to_tags().items()}
+
+
+@pytest.mark.slow
+def test_optuna_sweep_with_conditional_schedule_parameters_and_the_released_setting(
+    mlflow_env: str, inception_weights: Path, local_ray, tmp_path: Path
+) -> None:
+    """Optuna (define-by-run space, checkpointed by Tune with plain pickle) plus the released
+    setting, which is not one of Optuna's choices: every trial completes without early stopping."""
+    from fractalgen.platform.evaluation.inception import extract_features, load_inception
+    from fractalgen.platform.evaluation.metrics import feature_statistics, save_statistics
+    from fractalgen.platform.tuning.sweep import run_sweep
+
+    torch.manual_seed(2)
+    ckpt = save_released(build_model("fractalmar_tiny16"), tmp_path / "tiny.pth")
+    real = torch.from_numpy(
+        np.random.default_rng(2).integers(0, 256, size=(4, 3, 16, 16)).astype(np.float32) / 255
+    )
+    reference = save_statistics(
+        feature_statistics(extract_features(load_inception(inception_weights), real)[0]), tmp_path / "ref.npz"
+    )
+    cfg = load_sweep_config(
+        None,
+        [
+            "name=optuna", f"model={ckpt}", f"storage_path={tmp_path / 'ray'}", "search.algorithm=optuna",
+            "search.num_samples=3", "space.cfg=[3.0, 4.0]", "space.num_iters=[[2, 2]]",
+            "space.cfg_schedule=[power-cosine, interval]",
+            "space.schedule_ranges={power-cosine: {exponent: [1.0, 4.0]}}",
+            "space.schedule_params={interval: {start: [0.0, 0.25], end: [0.5, 1.0]}}",
+            f"eval.reference={reference}", f"eval.inception={inception_weights}", "eval.num_images=2",
+            "eval.min_images=2", "eval.batch_size=2", "mlflow.experiment=sweep-optuna-tests",
+        ],
+    )  # fmt: skip
+    result = run_sweep(cfg, progress=False)
+    assert len(result.rows) == 4 and all(r["status"] == "completed" for r in result.rows), result.rows
+    released = [r for r in result.rows if r["released"]]
+    assert len(released) == 1 and released[0]["cfg"] == 2.0 and released[0]["cfg_schedule"] == "linear"
+    for r in (r for r in result.rows if not r["released"]):
+        assert r["schedule_family"] in ("power-cosine", "interval") and r["cfg"] in (3.0, 4.0), r
+        params = trial_settings(r).cfg_schedule.params()
+        if r["schedule_family"] == "power-cosine":
+            assert 1.0 <= params["exponent"] <= 4.0
+        else:
+            assert params["start"] in (0.0, 0.25) and params["end"] in (0.5, 1.0)
+    assert result.pareto and result.pareto_plot is not None and result.pareto_plot.is_file()

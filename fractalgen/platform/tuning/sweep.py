@@ -54,7 +54,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -328,20 +328,22 @@ def param_space(cfg: SweepConfig) -> dict[str, Any]:
     return space
 
 
-def optuna_space(cfg: SweepConfig) -> Callable[[Any], dict[str, Any]]:
-    """Optuna's define-by-run space: the schedule (``schedule``: a spec, or a bare family of
-    ``schedule_params`` / ``schedule_ranges``) is chosen first, then only that family's parameters
-    are sampled (``<family>.<param>``); the function returns the trial's ``cfg_schedule`` spec."""
-    s = cfg.space
-    iters = [_iters_key(i) for i in s.num_iters] or ["default"]
-    conditional = set(s.schedule_params) | set(s.schedule_ranges)
-    choices: list[str] = []
-    for spec in s.cfg_schedule:
-        for c in [spec.strip()] if spec.strip() in conditional else [canonical_spec(spec)]:
-            if c not in choices:
-                choices.append(c)
+class OptunaSpace:
+    """Optuna's define-by-run space (``optuna_space``); a module-level class so that OptunaSearch's
+    checkpoint (plain ``pickle``) can store it."""
 
-    def space(trial: Any) -> dict[str, Any]:
+    def __init__(self, space: SweepSpaceConfig) -> None:
+        self.space = space
+        self.iters = [_iters_key(i) for i in space.num_iters] or ["default"]
+        self.conditional = set(space.schedule_params) | set(space.schedule_ranges)
+        self.choices: list[str] = []
+        for spec in space.cfg_schedule:
+            choice = spec.strip() if spec.strip() in self.conditional else canonical_spec(spec)
+            if choice not in self.choices:
+                self.choices.append(choice)
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        s = self.space
         if s.cfg_range:
             trial.suggest_float("cfg", *s.cfg_range)
         else:
@@ -350,9 +352,9 @@ def optuna_space(cfg: SweepConfig) -> Callable[[Any], dict[str, Any]]:
             trial.suggest_float("temperature", *s.temperature_range)
         else:
             trial.suggest_categorical("temperature", list(s.temperature))
-        choice = trial.suggest_categorical("schedule", choices)
+        choice = trial.suggest_categorical("schedule", self.choices)
         spec = choice
-        if choice in conditional:
+        if choice in self.conditional:  # only the chosen family's parameters are sampled
             params: dict[str, float] = {}
             for name in _family_params(choice):
                 rng = s.schedule_ranges.get(choice, {}).get(name)
@@ -362,12 +364,17 @@ def optuna_space(cfg: SweepConfig) -> Callable[[Any], dict[str, Any]]:
                 elif values is not None:
                     params[name] = trial.suggest_categorical(f"{choice}.{name}", list(values))
             spec = canonical_spec(_spec(choice, params))
-        trial.suggest_categorical("num_iters", iters)
+        trial.suggest_categorical("num_iters", self.iters)
         for key in OPTIONAL_FIELDS:
             trial.suggest_categorical(key, list(getattr(s, key)))
         return {"cfg_schedule": spec, "released": False}
 
-    return space
+
+def optuna_space(cfg: SweepConfig) -> OptunaSpace:
+    """Optuna's define-by-run space: the schedule (``schedule``: a spec, or a bare family of
+    ``schedule_params`` / ``schedule_ranges``) is chosen first, then only that family's parameters
+    are sampled (``<family>.<param>``); the call returns the trial's ``cfg_schedule`` spec."""
+    return OptunaSpace(cfg.space)
 
 
 def released_config(model_config: Any) -> dict[str, Any]:
@@ -434,11 +441,11 @@ def _released_first(searcher: Any, point: dict[str, Any]) -> Any:
             if trial_id not in self.own:
                 self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
+        # a wrapper's own state (Tune's SearchGenerator.save_to_dir saves the wrapped searcher itself)
         def get_state(self) -> dict:
-            return {"searcher": self.searcher.get_state(), "pending": self.pending, "own": self.own}
+            return {"pending": self.pending, "own": self.own}
 
         def set_state(self, state: dict) -> None:
-            self.searcher.set_state(state["searcher"])
             self.pending, self.own = state["pending"], state["own"]
 
     return ReleasedFirst()
@@ -814,13 +821,15 @@ def plot_fid_vs_cfg(rows: list[dict[str, Any]], path: Path, *, title: str = "") 
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    multi = len({(r["cfg_schedule"], r["num_iters"]) for r in rows}) > 1
+    multi = len({(r["cfg_schedule"], r["num_iters"], _extras(r)) for r in rows}) > 1
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in done:
-        groups.setdefault((r["temperature"], r["cfg_schedule"], r["num_iters"]), []).append(r)
-    for (temp, sched, iters), items in sorted(groups.items()):
+    for r in done:  # one line per setting other than cfg (the released trial's row too)
+        groups.setdefault((r["temperature"], r["cfg_schedule"], r["num_iters"], _extras(r)), []).append(r)
+    for (temp, sched, iters, extras), items in sorted(groups.items()):
         items.sort(key=lambda r: r["cfg"])
-        label = f"t={temp:g}" + (f", {sched}, iters {iters}" if multi else "")
+        label = (
+            f"t={temp:g}" + (f", {sched}, iters {iters}" if multi else "") + (f", {extras}" if extras else "")
+        )
         ax.plot([r["cfg"] for r in items], [r["fid"] for r in items], marker="o", label=label)
     stopped = [r for r in rows if r["status"] == "early-stopped" and r["fid"] == r["fid"]]
     if stopped:
