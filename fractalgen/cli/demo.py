@@ -196,7 +196,6 @@ def learning_evidence(
         side_by_side,
     )
     from fractalgen.platform.generation.sampling import generate_images, load_model
-    from fractalgen.sampling_settings import SamplingSettings
 
     with torch.random.fork_rng():
         torch.manual_seed(cfg.train.seed)  # as train_loop_per_worker: the weights training started from
@@ -204,9 +203,7 @@ def learning_evidence(
     final = load_model(weights)
     names = list(plan.class_names) or [str(c) for c in range(plan.num_classes)]
     labels = torch.arange(plan.num_classes).repeat_interleave(per_class)  # class-major: one row per class
-    settings = SamplingSettings(
-        num_iters=cfg.eval.sample_iters, cfg=cfg.eval.cfg, temperature=cfg.eval.temperature
-    )
+    settings = cfg.eval.sampling(unconditional=plan.num_classes == 1)
     references, reference_labels = read_labelled_images(data)
     profiles = class_profiles(references, reference_labels, plan.num_classes)
     shares, bpds, panels = [], [], []

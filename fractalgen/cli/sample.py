@@ -7,7 +7,7 @@ generation process pixel by pixel, as in the paper's figures. ``--input`` with `
 class-conditional editing; docs/model.md#conditional-prediction, the paper's section 5.3).
 
 Terms:
-- *sampling settings*: see ``fractalgen.platform.generation.sampling.SamplingSettings``. Flags not
+- *sampling settings*: see ``fractalgen.sampling_settings.SamplingSettings``. Flags not
   given fall back to the best settings a sweep recorded on a registered version (``sampling.*``
   tags; ``--no-best-settings`` skips them), then to the model's released defaults.
 - *generation order*: the order in which the model fixes pixels. ``GenerationRecorder`` observes it
@@ -56,10 +56,26 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--cfg", type=finite_float, help="classifier-free guidance scale (1.0: none)")
     g.add_argument(
-        "--cfg-schedule", choices=("linear", "constant"), help="guidance schedule at the top level"
+        "--cfg-schedule",
+        metavar="SPEC",
+        help="guidance schedule over the top level's steps: constant, linear (released), cosine, "
+        "power-cosine:exponent=K, interval:start=A,end=B (docs/model.md#guidance-schedules)",
+    )
+    g.add_argument(
+        "--lower-cfg",
+        type=finite_float,
+        help="guidance scale of the levels below the top (default: the top step's weight, released)",
+    )
+    g.add_argument(
+        "--lower-cfg-schedule", metavar="SPEC", help="schedule of --lower-cfg over each lower level's steps"
     )
     g.add_argument(
         "--temperature", type=finite_float, help="multiplies the logits (released meaning: > 1 sharpens)"
+    )
+    g.add_argument(
+        "--temperature-end",
+        type=finite_float,
+        help="ramp the temperature linearly to this over the top level's steps (default: constant)",
     )
     g.add_argument("--num-iters", help="iterations per level, e.g. 64,16 (AR levels always take seq_len)")
     g.add_argument(
@@ -79,7 +95,10 @@ def settings_from_args(args: argparse.Namespace, source: Any = None) -> Sampling
             num_iters=parse_iters(args.num_iters) if args.num_iters else None,
             cfg=args.cfg,
             cfg_schedule=args.cfg_schedule,
+            lower_cfg=args.lower_cfg,
+            lower_cfg_schedule=args.lower_cfg_schedule,
             temperature=args.temperature,
+            temperature_end=args.temperature_end,
             filter_threshold=args.filter_threshold,
         )
         base = SamplingSettings()
