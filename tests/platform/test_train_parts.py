@@ -21,7 +21,8 @@ def test_evaluator_bits_per_dim_is_evaluate_nll_on_the_first_micro_batches(
     """In rank 0 of a 2-worker run (its loader has set RANK/WORLD_SIZE...), the evaluator's ``eval_bpd``
     equals ``evaluate_nll`` over ``eval.nll_batches`` micro-batches of the held-out set, is the same
     number at every evaluation of the same weights (seeded masks), and leaves the worker's rank layout
-    as it found it; the sample grid is a PNG."""
+    and process-group check as it found them; the sample grid is a PNG. (That a process group's
+    barriers do not hold rank 0 is shown by the 2-worker run in test_train.py.)"""
     import torch
 
     from fractalgen.platform.artifacts.run_plan import build_run_model
@@ -50,6 +51,7 @@ def test_evaluator_bits_per_dim_is_evaluate_nll_on_the_first_micro_batches(
     torch.manual_seed(3)
     weights = build_run_model(plan).state_dict()
 
+    is_initialized = torch.distributed.is_initialized
     evaluator = Evaluator(plan, torch.device("cpu"))
     png, metrics = evaluator(weights)
     again = evaluator(weights)[1]
@@ -66,4 +68,5 @@ def test_evaluator_bits_per_dim_is_evaluate_nll_on_the_first_micro_batches(
     assert metrics["eval_bpd"] == pytest.approx(expected["nll_bpd"], rel=1e-6)
     assert again["eval_bpd"] == metrics["eval_bpd"]
     assert {k: os.environ[k] for k in layout} == layout
+    assert torch.distributed.is_initialized is is_initialized
     assert png.startswith(b"\x89PNG")

@@ -339,17 +339,19 @@ class Checkpointer:
         *,
         ledger: list[Any] | None,
         samples_png: bytes | None,
-    ) -> list[str]:
+    ) -> tuple[str, list[str]]:
         """Collective: the checkpoint of ``state.step`` (best loss and loader position updated first),
-        reported to Ray with ``metrics``; then rank 0 prunes. Returns the names rank 0 deleted."""
+        reported to Ray with ``metrics``; then rank 0 prunes. Returns the checkpoint's URI and the
+        names rank 0 deleted."""
         loss = metrics["loss"]
         if state.best_loss is None or loss < state.best_loss:
             state.best_loss, state.best_step = loss, state.step
         state.loader = loader.state_dict()
-        self.last_uri = report_and_checkpoint(
+        uri = report_and_checkpoint(
             engine, self.plan, state, metrics, rank=self.rank, ledger=ledger, samples_png=samples_png
         )
-        return prune_checkpoints(self.plan, state) if self.rank == 0 else []
+        self.last_uri = uri
+        return uri, prune_checkpoints(self.plan, state) if self.rank == 0 else []
 
     def best_uri(self, state: RunState) -> str | None:
         if state.best_step is None:

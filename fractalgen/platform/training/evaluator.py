@@ -42,17 +42,28 @@ def grid_png(images: Any, pad: int = 2) -> bytes:
 
 @contextlib.contextmanager
 def one_rank_world() -> Iterator[None]:
-    """The rank layout variables of a one-rank world for the duration, then this worker's again.
+    """For the duration, this process is a one-rank world to mosaicml-streaming; then this worker's
+    rank again.
 
-    A loader checks them against its arguments (a 2-worker run's ``WORLD_SIZE=2`` refuses a one-rank
-    loader), and streaming reads them when an epoch starts, so the training loader's next epoch
-    must find this worker's layout back.
+    Rank 0 alone reads the held-out set, but in a worker (a) the rank layout variables say
+    otherwise, and a loader checks them against its arguments (a 2-worker run's ``WORLD_SIZE=2``
+    refuses a one-rank loader), and streaming reads them when an epoch starts, so the training
+    loader's next epoch must find this worker's layout back; (b) building a ``StreamingDataset``
+    calls ``torch.distributed.barrier()`` whenever a process group exists, which the other ranks
+    never join: rank 0 would wait for them forever. So the process group is hidden as well
+    (``torch.distributed.is_initialized`` answers False) on rank 0: it runs no collective during
+    an evaluation, and the other ranks wait for it in their next one.
     """
+    import torch.distributed as dist  # deferred: heavy import
+
     saved = {k: os.environ.get(k) for k in _WORLD_VARS}
+    is_initialized = dist.is_initialized
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    dist.is_initialized = lambda: False
     try:
         yield
     finally:
+        dist.is_initialized = is_initialized
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

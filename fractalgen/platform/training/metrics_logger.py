@@ -14,6 +14,7 @@ from typing import Any
 
 from fractalgen import storage
 from fractalgen.platform.artifacts.run_plan import WorkerPlan
+from fractalgen.platform.training.train_step import Interval
 
 
 def say(line: str) -> None:
@@ -67,15 +68,13 @@ class MetricsLogger:
         """The next interval (images/s, eta) starts now, after ``step``."""
         self.interval_start, self.interval_step = time.perf_counter(), step
 
-    def log_point(
-        self, step: int, samples_seen: int, loss_sum: float, count: float, engine: Any
-    ) -> dict[str, Any]:
-        """The metrics of the interval that ends at ``step`` (loss summed over ``count`` micro-batches
-        of all workers); printed and logged by rank 0. Returns them (also kept as ``last``)."""
+    def log_point(self, step: int, samples_seen: int, interval: Interval, engine: Any) -> dict[str, Any]:
+        """The metrics of the interval that ends at ``step`` (its losses summed over all workers);
+        printed and logged by rank 0. Returns them (also kept as ``last``)."""
         plan, t = self.plan, self.plan.config.train
         elapsed = max(time.perf_counter() - self.interval_start, 1e-9)
         steps_done = step - self.interval_step
-        mean_loss = loss_sum / max(count, 1.0)
+        mean_loss = interval.mean_loss
         lr = engine.get_lr()[0]
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -126,7 +125,8 @@ class MetricsLogger:
             self.tracker.log_artifact(path, "samples")
 
     def checkpoint_tags(self, step: int, uri: str, best_uri: str | None, deleted: list[str]) -> None:
-        """Rank 0: the MLflow tags naming the latest, this step's and the best checkpoint, and the pruned."""
+        """Rank 0 (the others have no tracker): the MLflow tags naming the latest, this step's and the
+        best checkpoint, and the pruned ones."""
         if self.tracker is None:
             return
         tags = {"checkpoint.latest": uri, f"checkpoint.step_{step:09d}": uri}

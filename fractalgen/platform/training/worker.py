@@ -104,9 +104,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             }
             w.metrics.nonfinite(state.step)
             break
-        metrics = w.metrics.log_point(
-            state.step, state.samples_seen, interval.loss_sum, interval.count, w.engine
-        )
+        metrics = w.metrics.log_point(state.step, state.samples_seen, interval, w.engine)
         state.history.append({"step": state.step, "loss": metrics["loss"], "lr": metrics["lr"]})
         evaluation = w.evaluator.run(w.engine) if eval_due else None  # collective; (png, metrics) on rank 0
         if evaluation is not None:
@@ -114,10 +112,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         if checkpoint_due:
             ledger = w.train_step.ledger if cfg.data.record_samples else None
             png = evaluation[0] if evaluation is not None else None
-            deleted = w.checkpointer.save(w.engine, w.loader, state, metrics, ledger=ledger, samples_png=png)
-            if w.rank == 0:
-                best = w.checkpointer.best_uri(state)
-                w.metrics.checkpoint_tags(state.step, w.checkpointer.last_uri, best, deleted)  # type: ignore[arg-type]
+            uri, deleted = w.checkpointer.save(
+                w.engine, w.loader, state, metrics, ledger=ledger, samples_png=png
+            )
+            w.metrics.checkpoint_tags(
+                state.step, uri, w.checkpointer.best_uri(state), deleted
+            )  # rank 0's MLflow
         w.metrics.start_interval(state.step)
     return _finish(w, outcome)
 
