@@ -17,8 +17,9 @@ A launch, in order; everything that can fail cheaply fails before Ray is asked f
 3. MLflow: the tracking store answers (see ``tracking``) and the run is opened;
 4. Ray: connect (``cluster.address`` / ``RAY_ADDRESS``) or start a local Ray; ``TorchTrainer.fit``
    with NCCL on GPUs and gloo on CPUs, ``FailureConfig(max_failures)`` from the config;
-5. the outcome rank 0 wrote: finished, or stopped on a non-finite loss (``TrainError``, the last
-   good checkpoint kept).
+5. the outcome the loop returned (``Result.return_value``, rank 0's): finished, or stopped on a
+   non-finite loss (``TrainError``, the last good checkpoint kept); the driver records it in the run
+   folder (``STATUS_FILE``).
 """
 
 from __future__ import annotations
@@ -32,9 +33,13 @@ from typing import Any
 
 from fractalgen.config import TrainRunConfig, to_dict
 from fractalgen.platform.ray_connect import connect_ray
-from fractalgen.platform.training.worker import STATE_FILE, STATUS_FILE, WorkerPlan, train_loop_per_worker
+from fractalgen.platform.training.worker import STATE_FILE, WorkerPlan, train_loop_per_worker
 
 log = logging.getLogger(__name__)
+
+# <run folder>/fractalgen_status.json: the outcome of the last launch whose loop ended, as the driver
+# received it (worker.py's module docstring lists the keys); deleted when a launch starts
+STATUS_FILE = "fractalgen_status.json"
 
 
 class PlanError(ValueError):
@@ -380,14 +385,22 @@ def run_training(cfg: TrainRunConfig, *, plan: WorkerPlan | None = None) -> Trai
     connect_ray(plan.config.cluster.address, dashboard=True)
     trainer = build_trainer(plan)
     error: Exception | None = None
+    status: dict[str, Any] = {"status": "failed"}
     try:
-        trainer.fit()
+        result = trainer.fit()
     except Exception as err:  # TrainingFailedError after max_failures, a lost controller ...
         error = err
-    try:
-        status = storage.read_json(storage.join(plan.run_uri, STATUS_FILE), endpoint=plan.storage_endpoint)
-    except FileNotFoundError:
-        status = {"status": "failed"}
+    else:
+        # The outcome travels in Ray's Result: the loop's return value on rank 0 (Ray Train keeps the
+        # one of the attempt that finished, so it covers restarts; ``resumed_from`` lists them). Not in
+        # ``result.metrics``: Ray Train builds those from the latest report that carried a checkpoint,
+        # and a loop stopped by a non-finite loss must not write one. When ``fit`` raises, no outcome
+        # comes back and none is needed: the run failed, and the error says how.
+        if isinstance(result.return_value, dict):
+            status = result.return_value
+            storage.write_json(
+                storage.join(plan.run_uri, STATUS_FILE), status, endpoint=plan.storage_endpoint
+            )
     outcome = TrainOutcome(
         run_uri=plan.run_uri,
         status=str(status.get("status")),
