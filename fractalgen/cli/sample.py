@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from fractalgen.cli import CLIError
 from fractalgen.config import finite_float, positive_float
-from fractalgen.platform.images import auto_scale, make_grid, save_png
+from fractalgen.platform.images import auto_scale, make_grid, save_png, to_uint8_hwc
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -336,7 +336,7 @@ def write_gif(frames: list[Any], path: str | os.PathLike[str], *, ncols: int | N
 
     images = []
     for frame in frames:
-        grid = (make_grid(frame, ncols).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        grid = to_uint8_hwc(make_grid(frame, ncols))
         img = Image.fromarray(grid)
         if scale > 1:
             img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)

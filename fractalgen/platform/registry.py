@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import html
-import io
 import logging
 import os
 import sys
@@ -103,21 +102,6 @@ def ensure_experiment(c: Any, name: str, tracking_uri: str | None = None) -> str
         folder = os.path.dirname(os.path.abspath(str(uri)[len("sqlite:///") :]))
         location = "file://" + os.path.join(folder, "mlartifacts")
     return c.create_experiment(name, artifact_location=location)
-
-
-def _grid_png(images: Any, ncols: int | None = None) -> bytes:
-    from fractalgen.platform.images import auto_scale, make_grid
-
-    grid = (make_grid(images, ncols).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    from PIL import Image
-
-    img = Image.fromarray(grid)
-    s = auto_scale(images.size(-1))
-    if s > 1:
-        img = img.resize((img.width * s, img.height * s), Image.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def register_checkpoint(
@@ -217,7 +201,7 @@ def register_checkpoint(
                     images = generate_images(model, labels, settings, batch_size=grid_images, seed=grid_seed)
                     grid_path = "registry/grid.png"
                     grid_file = Path(work) / "grid.png"
-                    grid_file.write_bytes(_grid_png(images))
+                    grid_file.write_bytes(grid_png(images, scale=auto_scale(images.size(-1))))
                     mlflow.log_artifact(str(grid_file), "registry")
                     mlflow.log_dict(
                         {"labels": labels.tolist(), "seed": grid_seed,

@@ -5,39 +5,16 @@ held-out set with ``evaluation.data.evaluate_nll``, the same measurement as ``fr
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Iterator
 from typing import Any
 
 from fractalgen.platform.artifacts.run_plan import WorkerPlan, build_run_model
+from fractalgen.platform.images import grid_png
 
 # streaming's rank layout: the training loader sets them to this worker's (_setup_world in
 # fractalgen/pipelines/loader.py); rank 0's held-out loader is a one-rank one
 _WORLD_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-
-
-def grid_png(images: Any, pad: int = 2) -> bytes:
-    """(N, 3, S, S) in [0, 1] -> PNG bytes of a near-square grid on white (PIL; torchvision's
-    import alone costs seconds of CPU per worker)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    n, _, s, _ = images.shape
-    cols = max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / cols)
-    pixels = (
-        (images.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    )  # (N, S, S, 3)
-    canvas = np.full((rows * (s + pad) + pad, cols * (s + pad) + pad, 3), 255, dtype=np.uint8)
-    for i in range(n):
-        y, x = pad + (i // cols) * (s + pad), pad + (i % cols) * (s + pad)
-        canvas[y : y + s, x : x + s] = pixels[i]
-    buf = io.BytesIO()
-    Image.fromarray(canvas).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @contextlib.contextmanager
@@ -107,14 +84,9 @@ class Evaluator:
         self.model.eval()
         e = cfg.eval
         labels = torch.arange(e.num_images, device=self.device) % self.plan.num_classes
-        images = self.model.sample(
-            labels,
-            num_iters=e.sample_iters,
-            cfg=e.cfg if self.plan.num_classes > 1 else None,  # 1 class: unconditional, no guidance
-            temperature=e.temperature,
-            seed=e.seed,
-        )  # (N, 3, S, S) in [0, 1]
-        png = grid_png(images)
+        settings = e.sampling(unconditional=self.plan.num_classes == 1)  # 1 class: no guidance
+        images = self.model.sample(labels, seed=e.seed, **settings.sample_kwargs())  # (N, 3, S, S) in [0, 1]
+        png = grid_png(images, pad=2)
         metrics: dict[str, float] = {}
         if cfg.data.eval_uri:
             metrics["eval_bpd"] = self.nll()
