@@ -59,11 +59,13 @@ def test_installed_deepspeed_is_the_checked_one() -> None:
 
     constraint = _pin("deepspeed", ROOT / "constraints.txt")
     dependency = _pin("deepspeed", ROOT / "pyproject.toml")
-    assert constraint == dependency, f"constraints.txt pins deepspeed=={constraint}, pyproject.toml =={dependency}"
+    assert constraint == dependency, (
+        f"constraints.txt pins deepspeed=={constraint}, pyproject.toml =={dependency}"
+    )
     assert deepspeed.__version__ == constraint, (
         f"installed deepspeed {deepspeed.__version__} is not the pinned {constraint}: install the pin"
     )
-    assert deepspeed_compat.CHECKED_VERSION == constraint, (
+    assert constraint == deepspeed_compat.CHECKED_VERSION, (
         f"deepspeed is pinned at {constraint} but fractalgen/platform/training/deepspeed_compat.py was "
         f"checked against {deepspeed_compat.CHECKED_VERSION}: re-check its items, then update CHECKED_VERSION"
     )
@@ -98,7 +100,9 @@ def test_zero3_backward_hooks_call_apply_to_tensors_only_by_name() -> None:
     }
     for name in ("_pre_backward_module_hook", "_post_backward_module_hook"):
         assert name in hooks, f"DeepSpeedZeRoOffload has no {name} any more"
-        assert "apply_to_tensors_only" in hooks[name].co_names, f"{name} no longer calls apply_to_tensors_only"
+        assert "apply_to_tensors_only" in hooks[name].co_names, (
+            f"{name} no longer calls apply_to_tensors_only"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +226,9 @@ def zero3_round(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         f"import sys; sys.path[:0] = [{str(HERE)!r}]; import test_deepspeed_compat as t; "
         f"t._zero3_round({str(out)!r}, {free_port()})"
     )
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    env = dict(
+        os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+    )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=RUN_TIMEOUT_S, check=False)  # fmt: skip
     assert proc.returncode == 0 and out.exists(), f"the ZeRO-3 process failed:\n{proc.stdout}\n{proc.stderr}"
