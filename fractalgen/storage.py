@@ -22,6 +22,10 @@ connections. boto3 clients (``s3_client``) use botocore's ``standard`` mode; pya
 count; mosaicml-streaming's own boto3 client reads ``AWS_MAX_ATTEMPTS`` from the environment, which
 ``export_streaming_endpoint`` sets when it is unset. What still fails after the retries raises
 ``StorageError`` naming the URI being read or written, the S3 error and the endpoint.
+
+This is the one S3 layer: nothing else builds a boto3 client or an ``S3FileSystem`` or resolves an
+endpoint. Which client serves what (ours, pyarrow's for Ray's run storage, mosaicml-streaming's for
+shard downloads) and how each gets the endpoint: docs/storage.md.
 """
 
 from __future__ import annotations
@@ -171,6 +175,11 @@ def endpoint_url(explicit: str | None = None) -> str | None:
         if value:
             return value
     return None
+
+
+def endpoint_for(uri: str, explicit: str | None = None) -> str | None:
+    """The S3 endpoint for ``uri``: ``endpoint_url(explicit)`` for an ``s3://`` URI, None for a local path."""
+    return endpoint_url(explicit) if is_remote(uri) else None
 
 
 def s3_client(endpoint: str | None = None) -> Any:
@@ -512,6 +521,17 @@ def pyarrow_filesystem(uri: str, *, endpoint: str | None = None):
         kwargs["request_timeout"] = S3_READ_TIMEOUT_S
         return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(local_path(uri))
+
+
+def ray_storage(uri: str, *, endpoint: str | None = None) -> tuple[Any, str]:
+    """``(storage_filesystem, storage_path)`` for a Ray Train / Tune ``RunConfig`` storing under ``uri``.
+
+    ``s3://``: pyarrow's ``S3FileSystem`` with the endpoint passed explicitly (``pyarrow_filesystem``)
+    and ``bucket/key``; a local path: ``(None, its absolute path)`` (Ray's own local filesystem).
+    """
+    if is_remote(uri):
+        return pyarrow_filesystem(uri, endpoint=endpoint)
+    return None, os.path.abspath(local_path(uri))
 
 
 def walk_files(uri: str, *, endpoint: str | None = None) -> Iterator[str]:

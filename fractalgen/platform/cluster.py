@@ -471,7 +471,7 @@ def _num_images(cfg: TrainRunConfig, explicit: int | None, num_classes: int) -> 
     reason = "data.train_uri is empty"
     if uri:
         try:
-            endpoint = storage.endpoint_url(cfg.data.s3_endpoint_url) if storage.is_remote(uri) else None
+            endpoint = storage.endpoint_for(uri, cfg.data.s3_endpoint_url)
             summary = read_summary(uri, endpoint=endpoint)
             return int(summary["num_images"]), f"dataset summary at {uri}"
         except Exception as err:  # no dataset yet, no credentials, no network: say so and go on

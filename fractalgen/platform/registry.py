@@ -39,9 +39,11 @@ from fractalgen.platform.artifacts.model_store import (
     RegistryError,
     _versions,
     client,
+    ensure_experiment,
     get_version,
     use_tracking_uri,
 )
+from fractalgen.platform.images import auto_scale, grid_png
 
 log = logging.getLogger(__name__)
 
@@ -88,20 +90,6 @@ def _find_training_run(c: Any, run_name: str | None) -> str | None:
         log.debug("training run lookup failed: %s", err)
         return None
     return runs[0].info.run_id if runs else None
-
-
-def ensure_experiment(c: Any, name: str, tracking_uri: str | None = None) -> str:
-    """The id of experiment ``name``, created if needed; with a SQLite store its artifacts go beside
-    the database (``mlartifacts/``), as the training runs' do, not into the working directory."""
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    uri = tracking_uri or c.tracking_uri
-    location = None
-    if str(uri).startswith("sqlite:///"):
-        folder = os.path.dirname(os.path.abspath(str(uri)[len("sqlite:///") :]))
-        location = "file://" + os.path.join(folder, "mlartifacts")
-    return c.create_experiment(name, artifact_location=location)
 
 
 def register_checkpoint(

@@ -115,9 +115,7 @@ def plan_run(cfg: TrainRunConfig, *, dry_run: bool = False) -> WorkerPlan:
         raise PlanError(f"finetune.freeze_levels: {list(cfg.finetune.freeze_levels)}, but {levels}")
     if not cfg.data.train_uri:
         raise PlanError("data.train_uri: required (a prepared dataset: folder or s3:// prefix)")
-    data_endpoint = (
-        storage.endpoint_url(cfg.data.s3_endpoint_url) if storage.is_remote(cfg.data.train_uri) else None
-    )
+    data_endpoint = storage.endpoint_for(cfg.data.train_uri, cfg.data.s3_endpoint_url)
     try:
         storage.check_scheme(cfg.data.train_uri)
         summary = read_summary(cfg.data.train_uri, endpoint=data_endpoint)
@@ -303,11 +301,9 @@ def build_trainer(plan: WorkerPlan) -> Any:
     cfg = plan.config
     c = cfg.cluster
     use_gpu = c.gpus_per_worker > 0
-    storage_path = cfg.checkpoint.storage_path
-    filesystem = None
-    if storage.is_remote(storage_path):
-        # pass the endpoint explicitly: pyarrow has ignored AWS_ENDPOINT_URL_S3 in some versions
-        filesystem, storage_path = storage.pyarrow_filesystem(storage_path, endpoint=plan.storage_endpoint)
+    filesystem, storage_path = storage.ray_storage(
+        cfg.checkpoint.storage_path, endpoint=plan.storage_endpoint
+    )
     resources = {"CPU": float(c.cpus_per_worker)}
     if use_gpu:
         resources["GPU"] = float(c.gpus_per_worker)

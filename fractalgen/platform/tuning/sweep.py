@@ -26,7 +26,6 @@ The recipe is a YAML file (``configs/sweep_*.yaml``) of ``SweepConfig`` (``fract
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from fractalgen.config import ConfigError, dumps, load, to_dict
+from fractalgen.platform.artifacts.model_store import flatten_params as _flatten
 from fractalgen.platform.ray_connect import connect_ray
 
 if TYPE_CHECKING:
@@ -595,14 +595,6 @@ def _model_config(path: Path):
     from fractalgen.models.checkpoint import config_from_checkpoint, read_checkpoint
 
     return config_from_checkpoint(read_checkpoint(path))[1]
-
-
-def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}{k}.", v, out)
-    else:
-        out[prefix.rstrip(".")] = json.dumps(value) if isinstance(value, list) else str(value)
 
 
 def describe_result(result: SweepResult) -> str:
