@@ -76,7 +76,7 @@ def s3_max_attempts() -> int:
 
 def botocore_config(**extra: Any) -> Any:
     """The ``botocore.config.Config`` of every boto3 client here (retries, timeouts, ``extra``)."""
-    from botocore.config import Config
+    from botocore.config import Config  # deferred: heavy import
 
     return Config(
         retries={"mode": "standard", "total_max_attempts": s3_max_attempts()},
@@ -188,7 +188,7 @@ def s3_client(endpoint: str | None = None) -> Any:
     Clients are cached per process, endpoint and retry count; they are thread-safe but must not cross
     a fork, hence the pid in the cache key. Retries: ``botocore_config`` (module docstring).
     """
-    import boto3
+    import boto3  # deferred: heavy import
 
     url = endpoint_url(endpoint)
     key = (os.getpid(), url, s3_max_attempts())
@@ -218,7 +218,7 @@ def _is_not_found(err: Exception) -> bool:
 def exists(uri: str, *, endpoint: str | None = None) -> bool:
     """Whether a file (object) exists at ``uri``."""
     if is_remote(uri):
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError  # deferred: heavy import
 
         bucket, key = split_s3(uri)
         with _s3_errors("check", uri, endpoint):
@@ -244,7 +244,7 @@ def size(uri: str, *, endpoint: str | None = None) -> int:
 def read_bytes(uri: str, *, endpoint: str | None = None) -> bytes:
     """Whole file as bytes; ``FileNotFoundError`` naming the URI if it is missing."""
     if is_remote(uri):
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError  # deferred: heavy import
 
         bucket, key = split_s3(uri)
         with _s3_errors("read", uri, endpoint):
@@ -502,7 +502,7 @@ class _BodyRaw(io.RawIOBase):
 
 def pyarrow_filesystem(uri: str, *, endpoint: str | None = None):
     """``(pyarrow.fs.FileSystem, path)`` for ``uri``, with the S3 endpoint passed explicitly."""
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # deferred: heavy import
 
     if is_remote(uri):
         bucket, key = split_s3(uri)

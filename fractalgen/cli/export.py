@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from fractalgen import storage
 from fractalgen.cli import CLIError
 from fractalgen.platform.artifacts.checkpoints import (
     CheckpointNotFound,
@@ -12,7 +13,6 @@ from fractalgen.platform.artifacts.checkpoints import (
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fractalgen import storage
 
     endpoint = storage.endpoint_for(args.checkpoint, args.s3_endpoint_url)
     try:

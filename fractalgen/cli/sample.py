@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from fractalgen.cli import CLIError
 from fractalgen.config import finite_float, positive_float
 from fractalgen.platform.images import auto_scale, make_grid, save_png, to_uint8_hwc
+from fractalgen.sampling_settings import SamplingSettings, parse_iters
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -88,7 +89,6 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace, source: Any = None) -> SamplingSettings:
     """SamplingSettings from the flags, over the registered version's best settings (unless disabled)."""
-    from fractalgen.sampling_settings import SamplingSettings, parse_iters
 
     try:
         flags = SamplingSettings(
@@ -136,11 +136,11 @@ def parse_labels(text: str | None, config: Any) -> list[int]:
 # ------------------------------------------------------------------------------------ inpainting
 def load_input_image(path: str | os.PathLike[str], size: int) -> Tensor:
     """An image file -> (3, size, size) in [0, 1]: ADM centre crop to ``size``."""
-    import numpy as np
-    import torch
-    from PIL import Image
+    import numpy as np  # deferred: heavy import
+    import torch  # deferred: heavy import
+    from PIL import Image  # deferred: heavy import
 
-    from fractalgen.pipelines.crop import center_crop_arr
+    from fractalgen.pipelines.crop import center_crop_arr  # deferred: heavy import
 
     try:
         img = Image.open(path).convert("RGB")
@@ -152,9 +152,9 @@ def load_input_image(path: str | os.PathLike[str], size: int) -> Tensor:
 
 def load_mask_image(path: str | os.PathLike[str], size: int) -> Tensor:
     """A mask file (white = generate) -> known mask (size, size) bool, True where the pixel is kept."""
-    import numpy as np
-    import torch
-    from PIL import Image
+    import numpy as np  # deferred: heavy import
+    import torch  # deferred: heavy import
+    from PIL import Image  # deferred: heavy import
 
     try:
         img = Image.open(path).convert("L")
@@ -167,7 +167,7 @@ def load_mask_image(path: str | os.PathLike[str], size: int) -> Tensor:
 
 def region_mask(region: str, size: int) -> Tensor:
     """Known mask (size, size) bool (True = kept) for a named region to generate (module docstring)."""
-    import torch
+    import torch  # deferred: heavy import
 
     known = torch.ones(size, size, dtype=torch.bool)
     q, h = size // 4, size // 2
@@ -199,7 +199,7 @@ class GenerationRecorder:
     """
 
     def __init__(self, model: Any) -> None:
-        from fractalgen.models.fractal import FractalGen
+        from fractalgen.models.fractal import FractalGen  # deferred: heavy import
 
         self.model = model
         self.levels: list[Any] = []
@@ -255,10 +255,10 @@ class GenerationRecorder:
 
     # -- replay
     def frames(self, final: Tensor, *, max_frames: int = 120, hold: int = 8) -> list[Tensor]:
-        import torch
+        import torch  # deferred: heavy import
 
-        from fractalgen.models import IMAGENET_MEAN, IMAGENET_STD
-        from fractalgen.models.patches import patchify_mask
+        from fractalgen.models import IMAGENET_MEAN, IMAGENET_STD  # deferred: heavy import
+        from fractalgen.models.patches import patchify_mask  # deferred: heavy import
 
         cfg = self.model.config
         sizes, kinds, n_levels = cfg.img_sizes, cfg.generators, cfg.num_levels
@@ -332,7 +332,7 @@ class GenerationRecorder:
 def write_gif(frames: list[Any], path: str | os.PathLike[str], *, ncols: int | None = None, scale: int = 1,
               fps: float = 12.0) -> Path:  # fmt: skip
     """Frames (each (B, 3, S, S) in [0, 1]) -> an animated GIF of their grids, looping."""
-    from PIL import Image
+    from PIL import Image  # deferred: heavy import
 
     images = []
     for frame in frames:
@@ -405,17 +405,17 @@ class OutputFolder:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    import torch
+    import torch  # deferred: heavy import
 
-    from fractalgen.models import CheckpointError
-    from fractalgen.platform.generation.sampling import (
+    from fractalgen.models import CheckpointError  # deferred: heavy import
+    from fractalgen.platform.generation.sampling import (  # deferred: heavy import
         balanced_labels,
         generate_images,
         load_model,
         pick_device,
         sample_batch,
     )
-    from fractalgen.platform.generation.sources import resolve_model_source
+    from fractalgen.platform.generation.sources import resolve_model_source  # deferred: heavy import
 
     out = Path(args.out)
     check_output_folder(out)  # created when the images are there (a failed run leaves no folder)

@@ -32,9 +32,9 @@ def use_tracking_uri(uri: str | None, *, registry: bool = False) -> Iterator[Non
     if not uri:
         yield
         return
-    import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
+    import mlflow  # deferred: heavy import
+    from mlflow.tracking._model_registry import utils as registry_utils  # deferred: heavy import
+    from mlflow.tracking._tracking_service import utils as tracking_utils  # deferred: heavy import
 
     saved_env = {key: os.environ.get(key) for key in URI_ENV}
     saved = tracking_utils._tracking_uri, registry_utils._registry_uri
@@ -60,7 +60,7 @@ class RegistryError(ValueError):
 def client(tracking_uri: str | None = None) -> MlflowClient:
     """An ``MlflowClient`` for ``tracking_uri`` (default: MLFLOW_TRACKING_URI / mlflow's default);
     the registry is the tracking server's unless MLFLOW_REGISTRY_URI says otherwise."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # deferred: heavy import
 
     return MlflowClient(
         tracking_uri=tracking_uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
@@ -115,7 +115,7 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 
 def _versions(c: Any, name: str) -> list[Any]:
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # deferred: heavy import
 
     try:
         c.get_registered_model(name)
@@ -131,7 +131,7 @@ def get_version(
     name: str, version: str | int | None = None, alias: str | None = None, *, c: Any = None
 ) -> Any:
     """The ``ModelVersion`` NAME/VERSION or NAME@ALIAS; ``RegistryError`` naming what exists otherwise."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # deferred: heavy import
 
     c = c or client()
     versions = _versions(c, name)
@@ -161,7 +161,7 @@ def resolve_version(uri: str, *, c: Any = None) -> Any:
 
 
 def _checkpoint_in_model_dir(model_dir: Path) -> Path:
-    import yaml
+    import yaml  # deferred: heavy import
 
     mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
     arts = (mlmodel.get("flavors", {}).get("python_function", {}) or {}).get("artifacts", {}) or {}

@@ -45,6 +45,8 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 
+from fractalgen.sampling_settings import SamplingSettings
+
 CHECKPOINT_ARTIFACT = "checkpoint"
 DEVICE_ENV = "FRACTALGEN_SERVE_DEVICE"
 MAX_IMAGES_ENV = "FRACTALGEN_SERVE_MAX_IMAGES"
@@ -53,7 +55,7 @@ MAX_SEED = 2**62  # seeds seed..seed+batches-1 must stay valid torch seeds
 
 
 def encode_png(image_hwc: np.ndarray) -> str:
-    from PIL import Image
+    from PIL import Image  # deferred: heavy import
 
     buf = io.BytesIO()
     Image.fromarray(image_hwc).save(buf, format="PNG")
@@ -61,7 +63,7 @@ def encode_png(image_hwc: np.ndarray) -> str:
 
 
 def decode_png(text: str) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image  # deferred: heavy import
 
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB"))
 
@@ -114,7 +116,7 @@ def max_images() -> int:
 
 
 def _label_values(model_input: Any) -> list[Any]:
-    import pandas as pd
+    import pandas as pd  # deferred: heavy import
 
     if isinstance(model_input, pd.DataFrame):
         for col in ("label", "class_label", "labels"):
@@ -144,7 +146,7 @@ def _integer(name: str, value: Any) -> int:
 
 def _real(name: str, value: Any) -> float:
     """``value`` as a finite float by the one float coercion (``config.to_float``); else BadRequest."""
-    from fractalgen.config import ConfigError, to_float
+    from fractalgen.config import ConfigError, to_float  # deferred: heavy import
 
     try:
         return to_float(value.item() if isinstance(value, np.generic) else value, name)
@@ -158,7 +160,6 @@ def check_request(model_input: Any, params: dict[str, Any] | None, config: Any) 
     Returns ``{"labels", "settings" (SamplingSettings), "seed", "batch_size"}``; raises
     ``BadRequest`` naming the first bad value (module docstring lists the rules).
     """
-    from fractalgen.sampling_settings import SamplingSettings
 
     p = {**default_params(config), **(params or {})}
     limit = max_images()
@@ -233,8 +234,8 @@ def check_request(model_input: Any, params: dict[str, Any] | None, config: Any) 
 
 def _bad_request(err: Exception) -> Exception:
     """The exception MLflow's scoring server answers with HTTP 400 and ``err``'s message."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+    from mlflow.exceptions import MlflowException  # deferred: heavy import
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # deferred: heavy import
 
     return MlflowException(f"bad request: {err}", error_code=INVALID_PARAMETER_VALUE)
 
@@ -243,9 +244,9 @@ class FractalGenPyfunc(mlflow.pyfunc.PythonModel):
     """Generates images for class labels with the given sampling settings (module docstring)."""
 
     def load_context(self, context: Any) -> None:
-        import torch
+        import torch  # deferred: heavy import
 
-        from fractalgen.models import load_released
+        from fractalgen.models import load_released  # deferred: heavy import
 
         device = os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_released(context.artifacts[CHECKPOINT_ARTIFACT]).to(device).eval()
@@ -253,10 +254,13 @@ class FractalGenPyfunc(mlflow.pyfunc.PythonModel):
     # no type hints here: MLflow derives (and then warns about) an input schema from predict's hints;
     # the signature logged with the model describes the input instead
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-        import pandas as pd
-        import torch
+        import pandas as pd  # deferred: heavy import
+        import torch  # deferred: heavy import
 
-        from fractalgen.platform.generation.sampling import generate_images, to_uint8
+        from fractalgen.platform.generation.sampling import (
+            generate_images,
+            to_uint8,
+        )  # deferred: heavy import
 
         try:
             request = check_request(model_input, params, self.model.config)

@@ -25,13 +25,18 @@ A launch, in order; everything that can fail cheaply fails before Ray is asked f
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from fractalgen import storage
 from fractalgen.config import TrainRunConfig, to_dict
+from fractalgen.pipelines import DataError
+from fractalgen.pipelines.summary import read_summary
 from fractalgen.platform.ray_connect import connect_ray
 from fractalgen.platform.training.worker import STATE_FILE, WorkerPlan, train_loop_per_worker
 
@@ -65,7 +70,6 @@ class TrainOutcome:
 
 
 def _abs_storage(path: str) -> str:
-    from fractalgen import storage
 
     return path if storage.is_remote(path) else os.path.abspath(storage.local_path(path))
 
@@ -92,10 +96,7 @@ def plan_run(cfg: TrainRunConfig, *, dry_run: bool = False) -> WorkerPlan:
     Does not start Ray or MLflow. Creates the local storage folder, unless ``dry_run``: then it only
     checks that the folder could be created, and writes nothing.
     """
-    from fractalgen import storage
-    from fractalgen.models import MODEL_CONFIGS, get_config
-    from fractalgen.pipelines import DataError
-    from fractalgen.pipelines.summary import read_summary
+    from fractalgen.models import MODEL_CONFIGS, get_config  # deferred: heavy import
 
     if cfg.model.name not in MODEL_CONFIGS:
         raise PlanError(
@@ -196,7 +197,7 @@ def plan_run(cfg: TrainRunConfig, *, dry_run: bool = False) -> WorkerPlan:
     resolved.data.s3_endpoint_url = data_endpoint
     resolved.checkpoint.s3_endpoint_url = storage_endpoint
     if cfg.finetune.init:
-        from fractalgen.platform.training.finetune import absolute_source
+        from fractalgen.platform.training.finetune import absolute_source  # deferred: heavy import
 
         resolved.finetune.init = absolute_source(cfg.finetune.init)
     return WorkerPlan(
@@ -218,14 +219,12 @@ def _check_finetune(
     cfg: TrainRunConfig, model_cfg: Any, num_classes: int, class_names: tuple[str, ...]
 ) -> tuple[tuple[int, int], ...]:
     """``finetune.init`` resolves to weights that fit the model; returns the resolved class map."""
-    import dataclasses
 
-    import torch
+    import torch  # deferred: heavy import
 
-    from fractalgen import storage
-    from fractalgen.models import FractalGen
-    from fractalgen.platform.training import tracking
-    from fractalgen.platform.training.finetune import FinetuneError, check_source
+    from fractalgen.models import FractalGen  # deferred: heavy import
+    from fractalgen.platform.training import tracking  # deferred: heavy import
+    from fractalgen.platform.training.finetune import FinetuneError, check_source  # deferred: heavy import
 
     try:
         tracking_uri = tracking.resolve_tracking_uri(cfg)
@@ -252,7 +251,7 @@ def open_tracking(plan: WorkerPlan) -> WorkerPlan:
     Unreachable store: ``PlanError`` naming ``mlflow.tracking_uri``, or (``mlflow.required=false``) a
     warning and an untracked run.
     """
-    from fractalgen.platform.training import tracking
+    from fractalgen.platform.training import tracking  # deferred: heavy import
 
     cfg = plan.config
     if not cfg.mlflow.enabled:
@@ -293,10 +292,8 @@ def open_tracking(plan: WorkerPlan) -> WorkerPlan:
 
 def build_trainer(plan: WorkerPlan) -> Any:
     """The Ray ``TorchTrainer`` for the plan (NCCL on GPUs, gloo on CPUs; failure and storage config)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from fractalgen import storage
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # deferred: heavy import
+    from ray.train.torch import TorchConfig, TorchTrainer  # deferred: heavy import
 
     cfg = plan.config
     c = cfg.cluster
@@ -333,7 +330,6 @@ def build_trainer(plan: WorkerPlan) -> Any:
 def root_cause(error: BaseException) -> str:
     """The last ``SomeError: message`` line of an error's text: for Ray's errors, which quote the
     workers' tracebacks, the worker's own exception (a storage error names the file it was writing)."""
-    import re
 
     for line in reversed(str(error).splitlines()):
         line = line.strip()
@@ -354,7 +350,7 @@ def _placement_shortfall(error: BaseException, plan: WorkerPlan) -> str | None:
         {"GPU": float(c.gpus_per_worker)} if c.gpus_per_worker else {}
     )
     try:
-        import ray
+        import ray  # deferred: heavy import
 
         total = ray.cluster_resources()
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
@@ -372,8 +368,7 @@ def _placement_shortfall(error: BaseException, plan: WorkerPlan) -> str | None:
 
 def run_training(cfg: TrainRunConfig, *, plan: WorkerPlan | None = None) -> TrainOutcome:
     """Check, plan and run ``cfg`` on Ray; returns the outcome or raises ``PlanError`` / ``TrainError``."""
-    from fractalgen import storage
-    from fractalgen.platform.training import tracking
+    from fractalgen.platform.training import tracking  # deferred: heavy import
 
     plan = plan or plan_run(cfg)
     plan = open_tracking(plan)

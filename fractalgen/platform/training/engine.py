@@ -76,7 +76,7 @@ def param_groups(
     (``finetune.level_lr_scale``) each multiplier gets its own pair of groups; every group records
     its multiplier (``lr_scale``) and whether it decays (``decays``), which the schedule reads.
     """
-    from fractalgen.platform.training.finetune import level_lr_scale as scale_of
+    from fractalgen.platform.training.finetune import level_lr_scale as scale_of  # deferred: heavy import
 
     found: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
@@ -111,7 +111,7 @@ def build_optimizer(model: nn.Module, cfg: TrainRunConfig, *, use_gpu: bool) -> 
     for group in groups:
         group["lr"] = cfg.lr * group["lr_scale"]
     if t.offload_optimizer and use_gpu:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # deferred: heavy import
 
         return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=t.betas, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=t.betas, fused=use_gpu)
@@ -122,7 +122,7 @@ def setup_engine(model: nn.Module, cfg: TrainRunConfig, *, steps_per_epoch: int,
 
     The process group must already exist (Ray Train's torch backend creates it). Returns the engine.
     """
-    import deepspeed
+    import deepspeed  # deferred: heavy import
 
     if not use_gpu:
         deepspeed_compat.skip_cpu_shm_op()
@@ -172,7 +172,7 @@ def full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
 
     ZeRO-3 gathers the partitioned parameters; stages 0-2 hold full weights on every rank.
     """
-    import torch.distributed as dist
+    import torch.distributed as dist  # deferred: heavy import
 
     if engine.zero_optimization_stage() == 3:
         state = deepspeed_compat.zero3_full_state_dict(engine)

@@ -30,7 +30,7 @@ def _memory_gib(device: Any) -> dict[str, float]:
     if device.type == "cuda":
         return {"gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30}
     try:
-        import psutil
+        import psutil  # deferred: heavy import
 
         return {"host_rss_gib": psutil.Process().memory_info().rss / 2**30}
     except Exception:
@@ -58,7 +58,7 @@ class MetricsLogger:
         self.device = device
         self.tracker: Any = None
         if rank == 0 and plan.mlflow_run_id and plan.tracking_uri:
-            from fractalgen.platform.training.tracking import RunTracker
+            from fractalgen.platform.training.tracking import RunTracker  # deferred: heavy import
 
             self.tracker = RunTracker(plan.tracking_uri, plan.mlflow_run_id)
         self.last: dict[str, Any] = {}  # the latest log point's metrics (plus evaluation's)
@@ -138,7 +138,7 @@ class MetricsLogger:
 
     def finetune_init(self, report: Any, frozen: list[str]) -> None:
         """Rank 0: the fine-tuning init report to the run folder and the MLflow run, and one line."""
-        from fractalgen.platform.training.finetune import (
+        from fractalgen.platform.training.finetune import (  # deferred: heavy import
             INIT_REPORT_FILE,
             report_dict,
         )  # deferred: heavy import

@@ -108,8 +108,8 @@ def open_run(cfg: TrainRunConfig, tracking_uri: str, *, extra_params: Mapping[st
 
     Returns the run id. Called on the driver, before any Ray resources are requested.
     """
-    from mlflow.entities import Param, RunTag
-    from mlflow.tracking import MlflowClient
+    from mlflow.entities import Param, RunTag  # deferred: heavy import
+    from mlflow.tracking import MlflowClient  # deferred: heavy import
 
     client = MlflowClient(tracking_uri)
     experiment_id = ensure_experiment(client, cfg.mlflow.experiment, tracking_uri)
@@ -137,7 +137,7 @@ def open_run(cfg: TrainRunConfig, tracking_uri: str, *, extra_params: Mapping[st
 
 
 def _config_yaml(cfg: TrainRunConfig) -> str:
-    from fractalgen.config import dumps
+    from fractalgen.config import dumps  # deferred: heavy import
 
     return dumps(cfg)
 
@@ -145,7 +145,7 @@ def _config_yaml(cfg: TrainRunConfig) -> str:
 def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
     """Mark the MLflow run FINISHED / FAILED / KILLED (driver; a failure only warns)."""
     try:
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # deferred: heavy import
 
         MlflowClient(tracking_uri).set_terminated(run_id, status=status)
     except Exception as err:  # the run's outcome must not depend on the tracking server
@@ -172,11 +172,14 @@ class RunTracker:
         # record for minutes (7 retries with doubling back-off by default)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        from mlflow.entities import Metric, RunTag  # imported here: not on the training loop's clock
+        from mlflow.entities import (
+            Metric,
+            RunTag,
+        )  # deferred: heavy import # imported here: not on the training loop's clock
 
         self._metric, self._tag = Metric, RunTag
         if client is None:
-            from mlflow.tracking import MlflowClient
+            from mlflow.tracking import MlflowClient  # deferred: heavy import
 
             client = MlflowClient(tracking_uri)
         self.client = client

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +57,6 @@ def _lean_streaming_import() -> None:
     worker of every run. Training uses ``streaming.base`` only, so those three sub-packages get empty
     placeholder modules when nothing has imported them yet.
     """
-    import types
 
     if "streaming" in sys.modules:
         return
