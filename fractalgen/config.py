@@ -8,6 +8,18 @@ Terms:
 
 ``from_dict`` rejects unknown keys and wrong types with a ``ConfigError`` naming the dotted key, so a
 bad recipe fails before any Ray resources are requested.
+
+Why our own coercion (``_convert``, ``from_dict``) and not pydantic (installed as a dependency of
+Ray and MLflow), checked with pydantic 2.14 validating ``TrainRunConfig`` through ``TypeAdapter``:
+pydantic's lax mode accepts what we refuse (``zero_stage: true`` passes as the literal 1, ``"2"`` as
+an integer, ``"yes"`` as true), and its strict mode refuses a mapping for a dataclass section and the
+string ``"5e-5"`` that PyYAML makes of an exponent without a dot. Matching our rules would take a
+strictness annotation on every field plus a float validator (``to_float`` stays anyway: the float
+command-line options and the served model use it), and a translation of pydantic's error types and
+locations into our messages (``train.base_lr: expected a number, got 'abc'``; an unknown key listing
+the valid ones). That replaces the ~90 lines of ``_convert`` and ``from_dict`` with about as many
+lines of adaptation, spread over every section, and makes pydantic, whose version Ray and MLflow
+choose, a direct dependency of our error messages. The ``__post_init__`` validators stay either way.
 """
 
 from __future__ import annotations
@@ -23,6 +35,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
+
+from fractalgen.sampling_settings import SamplingSettings
 
 T = TypeVar("T")
 
@@ -577,11 +591,17 @@ class RunEvalConfig:
 
     every_steps: int = 0  # 0: only at the end of the run
     num_images: int = 16  # images in the sample grid (classes cycle)
-    sample_iters: tuple[int, ...] | None = None  # None: the model's defaults
-    cfg: float | None = None  # guidance scale; None: the model's default
-    temperature: float | None = None  # multiplies the logits (released meaning); None: model default
+    # the grid's sampling settings (fractalgen/sampling_settings.py); None: the model's default
+    sample_iters: tuple[int, ...] | None = None  # iterations per level (SamplingSettings.num_iters)
+    cfg: float | None = None  # guidance scale
+    temperature: float | None = None  # multiplies the logits (released meaning)
     nll_batches: int = 4  # micro-batches of data.eval_uri for bits/dim (when set)
     seed: int = 0
+    cfg_schedule: str | None = None  # e.g. linear, power-cosine:exponent=3, interval:start=0.2,end=0.8
+    lower_cfg: float | None = None  # guidance of the levels below the top (None: released)
+    lower_cfg_schedule: str | None = None
+    temperature_end: float | None = None  # linear temperature ramp over the top level's steps
+    filter_threshold: float = 1e-4
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:
@@ -589,13 +609,23 @@ class RunEvalConfig:
         for key in ("num_images", "nll_batches"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        # as SamplingSettings (fractalgen/platform/generation/sampling.py), checked before the run starts
-        if self.cfg is not None and self.cfg < 1.0:
-            raise ValueError(f"cfg: guidance scale must be >= 1.0, got {self.cfg}")
-        if self.temperature is not None and self.temperature <= 0:
-            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
-        if self.sample_iters is not None and any(i < 1 for i in self.sample_iters):
-            raise ValueError(f"sample_iters: iterations must be >= 1, got {list(self.sample_iters)}")
+        self.sampling()  # SamplingSettings' checks, before the run starts
+
+    def sampling(self, *, unconditional: bool = False) -> SamplingSettings:
+        """The grid's sampling settings; an ``unconditional`` (1-class) model samples unguided."""
+        try:
+            return SamplingSettings(
+                num_iters=self.sample_iters,
+                cfg=None if unconditional else self.cfg,
+                cfg_schedule=self.cfg_schedule,
+                lower_cfg=None if unconditional else self.lower_cfg,
+                lower_cfg_schedule=self.lower_cfg_schedule,
+                temperature=self.temperature,
+                temperature_end=self.temperature_end,
+                filter_threshold=self.filter_threshold,
+            )
+        except ValueError as err:
+            raise ValueError(str(err).replace("num_iters", "sample_iters")) from None
 
 
 @dataclass(kw_only=True)

@@ -22,6 +22,10 @@ connections. boto3 clients (``s3_client``) use botocore's ``standard`` mode; pya
 count; mosaicml-streaming's own boto3 client reads ``AWS_MAX_ATTEMPTS`` from the environment, which
 ``export_streaming_endpoint`` sets when it is unset. What still fails after the retries raises
 ``StorageError`` naming the URI being read or written, the S3 error and the endpoint.
+
+This is the one S3 layer: nothing else builds a boto3 client or an ``S3FileSystem`` or resolves an
+endpoint. Which client serves what (ours, pyarrow's for Ray's run storage, mosaicml-streaming's for
+shard downloads) and how each gets the endpoint: docs/storage.md.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ def s3_max_attempts() -> int:
 
 def botocore_config(**extra: Any) -> Any:
     """The ``botocore.config.Config`` of every boto3 client here (retries, timeouts, ``extra``)."""
-    from botocore.config import Config
+    from botocore.config import Config  # deferred: heavy import
 
     return Config(
         retries={"mode": "standard", "total_max_attempts": s3_max_attempts()},
@@ -173,13 +177,18 @@ def endpoint_url(explicit: str | None = None) -> str | None:
     return None
 
 
+def endpoint_for(uri: str, explicit: str | None = None) -> str | None:
+    """The S3 endpoint for ``uri``: ``endpoint_url(explicit)`` for an ``s3://`` URI, None for a local path."""
+    return endpoint_url(explicit) if is_remote(uri) else None
+
+
 def s3_client(endpoint: str | None = None) -> Any:
     """A boto3 S3 client (standard credential chain) for ``endpoint_url(endpoint)``.
 
     Clients are cached per process, endpoint and retry count; they are thread-safe but must not cross
     a fork, hence the pid in the cache key. Retries: ``botocore_config`` (module docstring).
     """
-    import boto3
+    import boto3  # deferred: heavy import
 
     url = endpoint_url(endpoint)
     key = (os.getpid(), url, s3_max_attempts())
@@ -209,7 +218,7 @@ def _is_not_found(err: Exception) -> bool:
 def exists(uri: str, *, endpoint: str | None = None) -> bool:
     """Whether a file (object) exists at ``uri``."""
     if is_remote(uri):
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError  # deferred: heavy import
 
         bucket, key = split_s3(uri)
         with _s3_errors("check", uri, endpoint):
@@ -235,7 +244,7 @@ def size(uri: str, *, endpoint: str | None = None) -> int:
 def read_bytes(uri: str, *, endpoint: str | None = None) -> bytes:
     """Whole file as bytes; ``FileNotFoundError`` naming the URI if it is missing."""
     if is_remote(uri):
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError  # deferred: heavy import
 
         bucket, key = split_s3(uri)
         with _s3_errors("read", uri, endpoint):
@@ -493,7 +502,7 @@ class _BodyRaw(io.RawIOBase):
 
 def pyarrow_filesystem(uri: str, *, endpoint: str | None = None):
     """``(pyarrow.fs.FileSystem, path)`` for ``uri``, with the S3 endpoint passed explicitly."""
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # deferred: heavy import
 
     if is_remote(uri):
         bucket, key = split_s3(uri)
@@ -512,6 +521,17 @@ def pyarrow_filesystem(uri: str, *, endpoint: str | None = None):
         kwargs["request_timeout"] = S3_READ_TIMEOUT_S
         return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(local_path(uri))
+
+
+def ray_storage(uri: str, *, endpoint: str | None = None) -> tuple[Any, str]:
+    """``(storage_filesystem, storage_path)`` for a Ray Train / Tune ``RunConfig`` storing under ``uri``.
+
+    ``s3://``: pyarrow's ``S3FileSystem`` with the endpoint passed explicitly (``pyarrow_filesystem``)
+    and ``bucket/key``; a local path: ``(None, its absolute path)`` (Ray's own local filesystem).
+    """
+    if is_remote(uri):
+        return pyarrow_filesystem(uri, endpoint=endpoint)
+    return None, os.path.abspath(local_path(uri))
 
 
 def walk_files(uri: str, *, endpoint: str | None = None) -> Iterator[str]:

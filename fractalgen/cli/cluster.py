@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 
+from fractalgen.cli import CLIError
 from fractalgen.config import ConfigError, TrainRunConfig, finite_float, load
 from fractalgen.platform.cluster import (
     DEFAULT_NODE_TYPE,
@@ -18,7 +19,6 @@ from fractalgen.platform.cluster import (
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from fractalgen.cli import CLIError
 
     try:
         cfg = load(TrainRunConfig, args.config, list(args.set or []))

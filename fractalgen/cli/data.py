@@ -16,7 +16,12 @@ import os
 import sys
 from typing import Any
 
+from fractalgen import storage
 from fractalgen.cli import CLIError
+from fractalgen.pipelines import DataError
+from fractalgen.pipelines.inspect import inspect_dataset
+from fractalgen.pipelines.prepare import prepare_dataset
+from fractalgen.pipelines.summary import read_summary
 
 PREPARE_EPILOG = """\
 sources:
@@ -39,7 +44,6 @@ examples:
 def _write_failed(err: OSError, out: str) -> CLIError:
     """A full disk, or S3 still failing after its retries (``storage.StorageError``), while a data
     command wrote ``out``: nothing half-written is published, and the same command resumes."""
-    from fractalgen import storage
 
     where = "" if err.filename or isinstance(err, storage.StorageError) else f" (writing {out})"
     return CLIError(f"{err}{where}; nothing half-written is published: run the same command again to resume")
@@ -49,9 +53,6 @@ def _class_names_arg(value: str | None, endpoint: str | None) -> list[str] | Non
     """--classes: a prepared dataset (its class_names) or a text file with one name per line."""
     if value is None:
         return None
-    from fractalgen import storage
-    from fractalgen.pipelines import DataError
-    from fractalgen.pipelines.summary import read_summary
 
     try:
         if storage.exists(storage.join(value, "summary.json"), endpoint=endpoint):
@@ -66,8 +67,6 @@ def _class_names_arg(value: str | None, endpoint: str | None) -> list[str] | Non
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from fractalgen.pipelines import DataError
-    from fractalgen.pipelines.prepare import prepare_dataset
 
     if args.size < 1:
         raise CLIError(f"--size must be positive, got {args.size}")
@@ -143,9 +142,6 @@ def _print_info(info: dict[str, Any]) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from fractalgen import storage
-    from fractalgen.pipelines import DataError
-    from fractalgen.pipelines.inspect import inspect_dataset
 
     sheet = None
     if not args.no_sheet:
@@ -170,8 +166,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _embedded(args: argparse.Namespace) -> int:
-    from fractalgen.pipelines import DataError
-    from fractalgen.pipelines.embedded import build_embedded_dataset
+    from fractalgen.pipelines.embedded import build_embedded_dataset  # deferred: heavy import
 
     try:
         summary = build_embedded_dataset(

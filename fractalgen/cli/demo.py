@@ -30,7 +30,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fractalgen import storage
 from fractalgen.cli import CLIError
+from fractalgen.cli.registry_demo import demo_registry_steps
 
 if TYPE_CHECKING:
     from fractalgen.config import TrainRunConfig
@@ -58,12 +60,15 @@ def run_demo(
     registry: bool = True,
 ) -> dict[str, str]:
     """Run the demo into ``out``; returns the paths it wrote (dataset, run, weights, grid, MLflow store)."""
-    from fractalgen import storage
-    from fractalgen.cli.train import load_run_config
-    from fractalgen.models import get_config
-    from fractalgen.pipelines.embedded import DEMO_CLASSES, build_embedded_dataset
-    from fractalgen.platform.artifacts.checkpoints import export_consolidated
-    from fractalgen.platform.training.driver import describe_outcome, plan_run, run_training
+    from fractalgen.cli.train import load_run_config  # deferred: heavy import
+    from fractalgen.models import get_config  # deferred: heavy import
+    from fractalgen.pipelines.embedded import DEMO_CLASSES, build_embedded_dataset  # deferred: heavy import
+    from fractalgen.platform.artifacts.checkpoints import export_consolidated  # deferred: heavy import
+    from fractalgen.platform.training.driver import (
+        describe_outcome,
+        plan_run,
+        run_training,
+    )  # deferred: heavy import
 
     out = os.path.abspath(out)
     data, checkpoints = os.path.join(out, "data"), os.path.join(out, "checkpoints")
@@ -113,8 +118,6 @@ def run_demo(
 
     review = None
     if registry and outcome.tracking_uri:
-        from fractalgen.cli.registry_demo import demo_registry_steps
-
         print("[demo] 5/5 registry: register, sweep sampling settings, promote the best version", flush=True)
         result = demo_registry_steps(
             out,
@@ -183,11 +186,14 @@ def learning_evidence(
     ones with the same labels and seed; score both with ``evaluation.learning`` against the training
     images, measure bits/dim on ``nll_images`` of them; write the before/after grids and the curve
     to ``out`` and log them and the figures to the training run's MLflow run (``learning/``)."""
-    import torch
+    import torch  # deferred: heavy import
 
-    from fractalgen.platform.artifacts.run_plan import build_run_model
-    from fractalgen.platform.evaluation.data import evaluate_nll, read_labelled_images
-    from fractalgen.platform.evaluation.learning import (
+    from fractalgen.platform.artifacts.run_plan import build_run_model  # deferred: heavy import
+    from fractalgen.platform.evaluation.data import (
+        evaluate_nll,
+        read_labelled_images,
+    )  # deferred: heavy import
+    from fractalgen.platform.evaluation.learning import (  # deferred: heavy import
         LearningCheck,
         class_profiles,
         labelled_grid,
@@ -195,8 +201,7 @@ def learning_evidence(
         own_class_share,
         side_by_side,
     )
-    from fractalgen.platform.generation.sampling import generate_images, load_model
-    from fractalgen.sampling_settings import SamplingSettings
+    from fractalgen.platform.generation.sampling import generate_images, load_model  # deferred: heavy import
 
     with torch.random.fork_rng():
         torch.manual_seed(cfg.train.seed)  # as train_loop_per_worker: the weights training started from
@@ -204,9 +209,7 @@ def learning_evidence(
     final = load_model(weights)
     names = list(plan.class_names) or [str(c) for c in range(plan.num_classes)]
     labels = torch.arange(plan.num_classes).repeat_interleave(per_class)  # class-major: one row per class
-    settings = SamplingSettings(
-        num_iters=cfg.eval.sample_iters, cfg=cfg.eval.cfg, temperature=cfg.eval.temperature
-    )
+    settings = cfg.eval.sampling(unconditional=plan.num_classes == 1)
     references, reference_labels = read_labelled_images(data)
     profiles = class_profiles(references, reference_labels, plan.num_classes)
     shares, bpds, panels = [], [], []
@@ -245,7 +248,7 @@ def learning_evidence(
             )
         )
     if outcome.tracking_uri and outcome.mlflow_run_id:
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # deferred: heavy import
 
         client = MlflowClient(outcome.tracking_uri)
         for key, value in check.metrics().items():
@@ -258,7 +261,7 @@ def learning_evidence(
 def _metric_history(outcome: TrainOutcome, key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of a metric of the training run in MLflow, else of its final metrics."""
     if outcome.tracking_uri and outcome.mlflow_run_id:
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # deferred: heavy import
 
         history = MlflowClient(outcome.tracking_uri).get_metric_history(outcome.mlflow_run_id, key)
         points = sorted({m.step: m.value for m in history}.items())
@@ -268,7 +271,7 @@ def _metric_history(outcome: TrainOutcome, key: str) -> tuple[list[int], list[fl
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fractalgen.platform.training.driver import PlanError, TrainError
+    from fractalgen.platform.training.driver import PlanError, TrainError  # deferred: heavy import
 
     try:
         run_demo(

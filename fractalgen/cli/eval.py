@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from fractalgen.cli import CLIError
+from fractalgen.pipelines import DataError
+from fractalgen.platform import registry
 
 log = logging.getLogger(__name__)
 
 
 def _resolve_source(model: str, work: str):
-    from fractalgen.models import CheckpointError
-    from fractalgen.platform.generation.sources import resolve_model_source
+    from fractalgen.models import CheckpointError  # deferred: heavy import
+    from fractalgen.platform.generation.sources import resolve_model_source  # deferred: heavy import
 
     try:
         return resolve_model_source(model, work_dir=work)
@@ -33,7 +35,7 @@ def _resolve_source(model: str, work: str):
 
 
 def _load_inception(uri: str | None, device: Any):
-    from fractalgen.platform.evaluation.inception import (
+    from fractalgen.platform.evaluation.inception import (  # deferred: heavy import
         InceptionWeightsError,
         InceptionWeightsMissing,
         load_inception,
@@ -46,7 +48,10 @@ def _load_inception(uri: str | None, device: Any):
 
 
 def _inception_path(uri: str | None) -> Path:
-    from fractalgen.platform.evaluation.inception import InceptionWeightsMissing, resolve_weights
+    from fractalgen.platform.evaluation.inception import (
+        InceptionWeightsMissing,
+        resolve_weights,
+    )  # deferred: heavy import
 
     try:
         return resolve_weights(uri)
@@ -69,7 +74,6 @@ def _write_json(path: str | None, payload: dict[str, Any]) -> None:
 
 
 def _record(source: Any, metrics: dict[str, float], prefix: str, settings: Any = None) -> None:
-    from fractalgen.platform import registry
 
     if source.registered_name is None:
         raise CLIError(
@@ -81,10 +85,9 @@ def _record(source: Any, metrics: dict[str, float], prefix: str, settings: Any =
 
 # ------------------------------------------------------------------------------------------ nll
 def run_nll(args: argparse.Namespace) -> int:
-    from fractalgen.models import CheckpointError
-    from fractalgen.pipelines import DataError
-    from fractalgen.platform.evaluation.data import evaluate_nll
-    from fractalgen.platform.generation.sampling import load_model, pick_device
+    from fractalgen.models import CheckpointError  # deferred: heavy import
+    from fractalgen.platform.evaluation.data import evaluate_nll  # deferred: heavy import
+    from fractalgen.platform.generation.sampling import load_model, pick_device  # deferred: heavy import
 
     with tempfile.TemporaryDirectory(prefix="fractalgen-eval-") as work:
         source = _resolve_source(args.model, work)
@@ -108,10 +111,9 @@ def run_nll(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ stats
 def run_stats(args: argparse.Namespace) -> int:
-    from fractalgen.pipelines import DataError
-    from fractalgen.platform.evaluation.data import reference_statistics
-    from fractalgen.platform.evaluation.metrics import save_statistics
-    from fractalgen.platform.generation.sampling import pick_device
+    from fractalgen.platform.evaluation.data import reference_statistics  # deferred: heavy import
+    from fractalgen.platform.evaluation.metrics import save_statistics  # deferred: heavy import
+    from fractalgen.platform.generation.sampling import pick_device  # deferred: heavy import
 
     inception = _load_inception(args.inception, pick_device(args.device))
     try:
@@ -150,9 +152,13 @@ def evaluate_fid(
     """Generate ``num_images`` with balanced classes and score them against ``reference``
     (``metrics.Statistics``). Returns ``(SampleMetrics, outputs)`` (``outputs``: features, logits and,
     with ``keep_images``, uint8 images in ADM's NHWC layout)."""
-    from fractalgen.models.checkpoint import config_from_checkpoint, read_checkpoint
-    from fractalgen.platform.evaluation.metrics import compute_metrics
-    from fractalgen.platform.generation.sampling import GenerationJob, balanced_labels, generate_features
+    from fractalgen.models.checkpoint import config_from_checkpoint, read_checkpoint  # deferred: heavy import
+    from fractalgen.platform.evaluation.metrics import compute_metrics  # deferred: heavy import
+    from fractalgen.platform.generation.sampling import (
+        GenerationJob,
+        balanced_labels,
+        generate_features,
+    )  # deferred: heavy import
 
     if num_classes is None:
         num_classes = config_from_checkpoint(read_checkpoint(model_path))[1].num_classes
@@ -175,19 +181,19 @@ def _default_workers(args: argparse.Namespace) -> int:
     (-1, resolved once Ray is up); one GPU or none -> this process (0)."""
     if args.workers is not None:
         return args.workers
-    import torch
+    import torch  # deferred: heavy import
 
     return -1 if os.environ.get("RAY_ADDRESS") or torch.cuda.device_count() > 1 else 0
 
 
 def run_fid(args: argparse.Namespace) -> int:
-    import numpy as np
+    import numpy as np  # deferred: heavy import
 
-    from fractalgen.cli.sample import settings_from_args
-    from fractalgen.models import CheckpointError, load_released
-    from fractalgen.platform.evaluation.inception import extract_features
-    from fractalgen.platform.evaluation.metrics import load_statistics
-    from fractalgen.platform.generation.sampling import pick_device
+    from fractalgen.cli.sample import settings_from_args  # deferred: heavy import
+    from fractalgen.models import CheckpointError, load_released  # deferred: heavy import
+    from fractalgen.platform.evaluation.inception import extract_features  # deferred: heavy import
+    from fractalgen.platform.evaluation.metrics import load_statistics  # deferred: heavy import
+    from fractalgen.platform.generation.sampling import pick_device  # deferred: heavy import
 
     if args.num_images < 2:
         raise CLIError("--num-images must be >= 2 for FID")
@@ -211,7 +217,7 @@ def run_fid(args: argparse.Namespace) -> int:
 
                 reference = load_statistics(args.reference, extractor=extractor, max_images=args.pr_images)
             else:
-                from fractalgen.platform.evaluation.data import reference_statistics
+                from fractalgen.platform.evaluation.data import reference_statistics  # deferred: heavy import
 
                 reference = reference_statistics(
                     args.reference, _load_inception(str(inception_path), device), max_images=args.reference_images,
@@ -248,8 +254,8 @@ def run_fid(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ parser
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    from fractalgen.cli.sample import add_sampling_args
-    from fractalgen.config import finite_float
+    from fractalgen.cli.sample import add_sampling_args  # deferred: heavy import
+    from fractalgen.config import finite_float  # deferred: heavy import
 
     p = subparsers.add_parser(
         "eval", help="evaluate a model: bits/dim, FID/IS/precision/recall, reference stats"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from fractalgen import storage
 from fractalgen.cli import CLIError
 from fractalgen.platform.artifacts.checkpoints import (
     CheckpointNotFound,
@@ -12,9 +13,8 @@ from fractalgen.platform.artifacts.checkpoints import (
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fractalgen import storage
 
-    endpoint = storage.endpoint_url(args.s3_endpoint_url) if storage.is_remote(args.checkpoint) else None
+    endpoint = storage.endpoint_for(args.checkpoint, args.s3_endpoint_url)
     try:
         path = export_consolidated(args.checkpoint, args.out, endpoint=endpoint)
     except (CheckpointNotFound, ValueError, KeyError) as err:

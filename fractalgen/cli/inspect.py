@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from fractalgen.cli import CLIError
 from fractalgen.models.configs import MODEL_CONFIGS, get_config
 from fractalgen.models.inspect import (
     format_table,
@@ -11,8 +12,7 @@ from fractalgen.models.inspect import (
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from fractalgen.cli import CLIError
-    from fractalgen.config import ConfigError, parse_overrides
+    from fractalgen.config import ConfigError, parse_overrides  # deferred: heavy import
 
     try:
         overrides = parse_overrides(args.set)

@@ -22,6 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fractalgen.cli.eval import evaluate_fid
+from fractalgen.platform import registry
+
 DEMO_MODEL_NAME = "fractalgen-demo"
 
 
@@ -31,7 +34,7 @@ def _default_sweep_config() -> Path:
 
 
 def _inception(out: Path, inception: str | None) -> tuple[Path, bool]:
-    from fractalgen.platform.evaluation.inception import (
+    from fractalgen.platform.evaluation.inception import (  # deferred: heavy import
         InceptionWeightsMissing,
         resolve_weights,
         write_random_weights,
@@ -75,14 +78,22 @@ def demo_registry_steps(
     ``data_uri``: the demo dataset (reference statistics for FID and bits/dim).
     Returns ``{"versions", "champion", "sweep_table", "sweep_plot", "review_html", "reference"}``.
     """
-    from fractalgen.cli.eval import evaluate_fid
-    from fractalgen.models import load_released
-    from fractalgen.platform import registry
-    from fractalgen.platform.evaluation.data import evaluate_nll, reference_statistics
-    from fractalgen.platform.evaluation.inception import load_inception
-    from fractalgen.platform.evaluation.metrics import load_statistics, save_statistics
-    from fractalgen.platform.generation.sources import resolve_model_source
-    from fractalgen.platform.tuning.sweep import describe_result, load_sweep_config, run_sweep
+    from fractalgen.models import load_released  # deferred: heavy import
+    from fractalgen.platform.evaluation.data import (
+        evaluate_nll,
+        reference_statistics,
+    )  # deferred: heavy import
+    from fractalgen.platform.evaluation.inception import load_inception  # deferred: heavy import
+    from fractalgen.platform.evaluation.metrics import (
+        load_statistics,
+        save_statistics,
+    )  # deferred: heavy import
+    from fractalgen.platform.generation.sources import resolve_model_source  # deferred: heavy import
+    from fractalgen.platform.tuning.sweep import (
+        describe_result,
+        load_sweep_config,
+        run_sweep,
+    )  # deferred: heavy import
 
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ generation process pixel by pixel, as in the paper's figures. ``--input`` with `
 class-conditional editing; docs/model.md#conditional-prediction, the paper's section 5.3).
 
 Terms:
-- *sampling settings*: see ``fractalgen.platform.generation.sampling.SamplingSettings``. Flags not
+- *sampling settings*: see ``fractalgen.sampling_settings.SamplingSettings``. Flags not
   given fall back to the best settings a sweep recorded on a registered version (``sampling.*``
   tags; ``--no-best-settings`` skips them), then to the model's released defaults.
 - *generation order*: the order in which the model fixes pixels. ``GenerationRecorder`` observes it
@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 from fractalgen.cli import CLIError
 from fractalgen.config import finite_float, positive_float
-from fractalgen.platform.images import auto_scale, make_grid, save_png
+from fractalgen.platform.images import auto_scale, make_grid, save_png, to_uint8_hwc
+from fractalgen.sampling_settings import SamplingSettings, parse_iters
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -56,10 +57,26 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--cfg", type=finite_float, help="classifier-free guidance scale (1.0: none)")
     g.add_argument(
-        "--cfg-schedule", choices=("linear", "constant"), help="guidance schedule at the top level"
+        "--cfg-schedule",
+        metavar="SPEC",
+        help="guidance schedule over the top level's steps: constant, linear (released), cosine, "
+        "power-cosine:exponent=K, interval:start=A,end=B (docs/model.md#guidance-schedules)",
+    )
+    g.add_argument(
+        "--lower-cfg",
+        type=finite_float,
+        help="guidance scale of the levels below the top (default: the top step's weight, released)",
+    )
+    g.add_argument(
+        "--lower-cfg-schedule", metavar="SPEC", help="schedule of --lower-cfg over each lower level's steps"
     )
     g.add_argument(
         "--temperature", type=finite_float, help="multiplies the logits (released meaning: > 1 sharpens)"
+    )
+    g.add_argument(
+        "--temperature-end",
+        type=finite_float,
+        help="ramp the temperature linearly to this over the top level's steps (default: constant)",
     )
     g.add_argument("--num-iters", help="iterations per level, e.g. 64,16 (AR levels always take seq_len)")
     g.add_argument(
@@ -72,14 +89,16 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace, source: Any = None) -> SamplingSettings:
     """SamplingSettings from the flags, over the registered version's best settings (unless disabled)."""
-    from fractalgen.sampling_settings import SamplingSettings, parse_iters
 
     try:
         flags = SamplingSettings(
             num_iters=parse_iters(args.num_iters) if args.num_iters else None,
             cfg=args.cfg,
             cfg_schedule=args.cfg_schedule,
+            lower_cfg=args.lower_cfg,
+            lower_cfg_schedule=args.lower_cfg_schedule,
             temperature=args.temperature,
+            temperature_end=args.temperature_end,
             filter_threshold=args.filter_threshold,
         )
         base = SamplingSettings()
@@ -117,11 +136,11 @@ def parse_labels(text: str | None, config: Any) -> list[int]:
 # ------------------------------------------------------------------------------------ inpainting
 def load_input_image(path: str | os.PathLike[str], size: int) -> Tensor:
     """An image file -> (3, size, size) in [0, 1]: ADM centre crop to ``size``."""
-    import numpy as np
-    import torch
-    from PIL import Image
+    import numpy as np  # deferred: heavy import
+    import torch  # deferred: heavy import
+    from PIL import Image  # deferred: heavy import
 
-    from fractalgen.pipelines.crop import center_crop_arr
+    from fractalgen.pipelines.crop import center_crop_arr  # deferred: heavy import
 
     try:
         img = Image.open(path).convert("RGB")
@@ -133,9 +152,9 @@ def load_input_image(path: str | os.PathLike[str], size: int) -> Tensor:
 
 def load_mask_image(path: str | os.PathLike[str], size: int) -> Tensor:
     """A mask file (white = generate) -> known mask (size, size) bool, True where the pixel is kept."""
-    import numpy as np
-    import torch
-    from PIL import Image
+    import numpy as np  # deferred: heavy import
+    import torch  # deferred: heavy import
+    from PIL import Image  # deferred: heavy import
 
     try:
         img = Image.open(path).convert("L")
@@ -148,7 +167,7 @@ def load_mask_image(path: str | os.PathLike[str], size: int) -> Tensor:
 
 def region_mask(region: str, size: int) -> Tensor:
     """Known mask (size, size) bool (True = kept) for a named region to generate (module docstring)."""
-    import torch
+    import torch  # deferred: heavy import
 
     known = torch.ones(size, size, dtype=torch.bool)
     q, h = size // 4, size // 2
@@ -180,7 +199,7 @@ class GenerationRecorder:
     """
 
     def __init__(self, model: Any) -> None:
-        from fractalgen.models.fractal import FractalGen
+        from fractalgen.models.fractal import FractalGen  # deferred: heavy import
 
         self.model = model
         self.levels: list[Any] = []
@@ -236,10 +255,10 @@ class GenerationRecorder:
 
     # -- replay
     def frames(self, final: Tensor, *, max_frames: int = 120, hold: int = 8) -> list[Tensor]:
-        import torch
+        import torch  # deferred: heavy import
 
-        from fractalgen.models import IMAGENET_MEAN, IMAGENET_STD
-        from fractalgen.models.patches import patchify_mask
+        from fractalgen.models import IMAGENET_MEAN, IMAGENET_STD  # deferred: heavy import
+        from fractalgen.models.patches import patchify_mask  # deferred: heavy import
 
         cfg = self.model.config
         sizes, kinds, n_levels = cfg.img_sizes, cfg.generators, cfg.num_levels
@@ -313,11 +332,11 @@ class GenerationRecorder:
 def write_gif(frames: list[Any], path: str | os.PathLike[str], *, ncols: int | None = None, scale: int = 1,
               fps: float = 12.0) -> Path:  # fmt: skip
     """Frames (each (B, 3, S, S) in [0, 1]) -> an animated GIF of their grids, looping."""
-    from PIL import Image
+    from PIL import Image  # deferred: heavy import
 
     images = []
     for frame in frames:
-        grid = (make_grid(frame, ncols).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        grid = to_uint8_hwc(make_grid(frame, ncols))
         img = Image.fromarray(grid)
         if scale > 1:
             img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
@@ -386,17 +405,17 @@ class OutputFolder:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    import torch
+    import torch  # deferred: heavy import
 
-    from fractalgen.models import CheckpointError
-    from fractalgen.platform.generation.sampling import (
+    from fractalgen.models import CheckpointError  # deferred: heavy import
+    from fractalgen.platform.generation.sampling import (  # deferred: heavy import
         balanced_labels,
         generate_images,
         load_model,
         pick_device,
         sample_batch,
     )
-    from fractalgen.platform.generation.sources import resolve_model_source
+    from fractalgen.platform.generation.sources import resolve_model_source  # deferred: heavy import
 
     out = Path(args.out)
     check_output_folder(out)  # created when the images are there (a failed run leaves no folder)

@@ -14,7 +14,7 @@ from fractalgen.platform.tuning.sweep import (
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fractalgen.platform.evaluation.inception import InceptionWeightsMissing
+    from fractalgen.platform.evaluation.inception import InceptionWeightsMissing  # deferred: heavy import
 
     try:
         cfg = load_sweep_config(args.config, args.set or [])

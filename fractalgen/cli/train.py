@@ -35,8 +35,8 @@ def _train(args: argparse.Namespace) -> int:
     try:
         plan = plan_run(cfg, dry_run=args.dry_run)
         if args.dry_run:
-            from fractalgen.models import get_config
-            from fractalgen.models.inspect import format_table
+            from fractalgen.models import get_config  # deferred: heavy import
+            from fractalgen.models.inspect import format_table  # deferred: heavy import
 
             print(dumps(plan.config), end="")
             arch = get_config(cfg.model.name, **cfg.model.architecture(), num_classes=plan.num_classes)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -143,7 +144,8 @@ class FractalGen(nn.Module):
         or ``lower_cfg`` under ``lower_cfg_schedule`` when set (docs/model.md#guidance-schedules)."""
         head = self.next_fractal
         if self.level > 0 and lower_cfg is not None:
-            cfg = torch.full_like(cfg, lower_cfg)
+            # the steps use lower_cfg; the level's guiding pixel still gets the weight handed down
+            cfg_schedule = _OwnScale(cfg_schedule, lower_cfg)
         if isinstance(head, PixelHead):
 
             def next_level(
@@ -294,6 +296,20 @@ class FractalGen(nn.Module):
                 on_step=hook,
             )
         return to_images(out)
+
+
+@dataclass(frozen=True)
+class _OwnScale(GuidanceSchedule):
+    """A lower level's ``schedule`` over its own ``scale`` (``lower_cfg``), whatever weight it receives."""
+
+    schedule: GuidanceSchedule
+    scale: float
+
+    def weight(self, cfg: Tensor, done: Tensor | int, total: int, step: int, steps: int) -> Tensor:
+        return self.schedule.weight(cfg * 0 + self.scale, done, total, step, steps)
+
+    def active(self, step: int, steps: int) -> bool:
+        return self.schedule.active(step, steps)
 
 
 def parameter_level(name: str) -> int:

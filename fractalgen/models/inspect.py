@@ -44,7 +44,7 @@ def _count(module: torch.nn.Module, exclude: torch.nn.Module | None = None) -> i
 
 def level_costs(config: FractalConfig) -> list[LevelCost]:
     """One row per level (the pixel head last); params from a meta-device build of the model."""
-    from fractalgen.models.fractal import FractalGen
+    from fractalgen.models.fractal import FractalGen  # deferred: heavy import
 
     with torch.device("meta"):
         model = FractalGen(config)

@@ -25,6 +25,8 @@ import numpy as np
 
 from fractalgen import storage
 from fractalgen.pipelines import DataError
+from fractalgen.pipelines.prepare import PLAN_FILE, prepare_dataset
+from fractalgen.pipelines.summary import read_summary
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +68,14 @@ DEMO_CLASSES: tuple[str, ...] = (
 
 def photograph_dir() -> str:
     """The folder holding scikit-image's bundled photographs."""
-    import skimage
+    import skimage  # deferred: heavy import
 
     return os.path.join(os.path.dirname(skimage.__file__), "data")
 
 
 def _jittered_crop(photo, rng: np.random.Generator, side: int):
     """One random crop of ``photo`` (PIL RGB), resized so its short side is ``side``, flipped, jittered."""
-    from PIL import Image, ImageEnhance
+    from PIL import Image, ImageEnhance  # deferred: heavy import
 
     w, h = photo.size
     short = min(w, h)
@@ -120,7 +122,7 @@ def write_embedded_source(
     """Write the generated images as ``folder/<class>/<class>_NNNN.png``; returns the class names.
 
     A class's images depend on its photograph, ``seed`` and its class index."""
-    from PIL import Image
+    from PIL import Image  # deferred: heavy import
 
     names = select_photographs(num_classes, classes)
     written = []
@@ -163,8 +165,6 @@ def build_embedded_dataset(
     ``images_per_class`` images, ADM-cropped to ``size`` (32 for the demo, 16 for tests). If ``out`` already holds the embedded dataset built with the
     same arguments it is returned as is, unless ``overwrite``.
     """
-    from fractalgen.pipelines.prepare import PLAN_FILE, prepare_dataset
-    from fractalgen.pipelines.summary import read_summary
 
     if classes is not None:
         num_classes = len(select_photographs(num_classes, classes))

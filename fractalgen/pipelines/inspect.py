@@ -13,6 +13,7 @@ no shared memory), for inspection and tests.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -20,6 +21,7 @@ from typing import Any
 
 from fractalgen import storage
 from fractalgen.pipelines import DataError
+from fractalgen.pipelines.summary import SKIPPED_PARQUET, read_summary
 
 
 def read_index(uri: str, *, endpoint: str | None = None) -> dict[str, Any]:
@@ -43,8 +45,8 @@ def iter_samples(
     ``shards`` restricts to those shard numbers; ``per_shard`` takes N evenly spaced samples of each
     (one N for all, or one per entry of ``shards``).
     """
-    from streaming.base.compression import decompress
-    from streaming.base.format import reader_from_json
+    from streaming.base.compression import decompress  # deferred: heavy import
+    from streaming.base.format import reader_from_json  # deferred: heavy import
 
     index = read_index(uri, endpoint=endpoint)
     infos = index["shards"]
@@ -80,10 +82,9 @@ def contact_sheet(
     samples: Sequence[dict[str, Any]], class_names: Sequence[str], path: str, *, columns: int = 8
 ) -> str:
     """Write a PNG grid of ``samples`` captioned with class names to ``path`` (local or s3://)."""
-    import io
 
-    import numpy as np
-    from PIL import Image, ImageDraw
+    import numpy as np  # deferred: heavy import
+    from PIL import Image, ImageDraw  # deferred: heavy import
 
     if not samples:
         raise DataError("no samples to draw")
@@ -133,7 +134,6 @@ def inspect_dataset(
     ``skipped_list`` is where all skipped items are listed (``skipped.parquet``; ``summary.json`` too),
     or None if there is no such file.
     """
-    from fractalgen.pipelines.summary import SKIPPED_PARQUET, read_summary
 
     index = read_index(uri, endpoint=endpoint)
     shards = index["shards"]
@@ -181,7 +181,7 @@ def inspect_dataset(
         names = info["class_names"] or []
         info["sheet"] = contact_sheet(drawn, names, sheet, columns=columns)
         if info["image_size"] is None and drawn:
-            import numpy as np
+            import numpy as np  # deferred: heavy import
 
             info["image_size"] = int(np.asarray(drawn[0]["image"]).shape[0])
     return info

@@ -40,6 +40,7 @@ node, with its own cache. With ``world_size > 1`` streaming synchronises ranks t
 from __future__ import annotations
 
 import atexit
+import hashlib
 import logging
 import os
 import shutil
@@ -53,6 +54,7 @@ import torch
 
 from fractalgen import storage
 from fractalgen.pipelines import DataError
+from fractalgen.pipelines.summary import read_summary
 
 if TYPE_CHECKING:
     from streaming import StreamingDataLoader
@@ -73,7 +75,7 @@ def _flip_bit(seed: int, epoch: int, sample_id: int) -> bool:
 
 
 def _dataset_class():
-    from streaming import StreamingDataset
+    from streaming import StreamingDataset  # deferred: heavy import
 
     class ImageDataset(StreamingDataset):
         """MDS samples -> ``(uint8 (3, S, S) tensor, label[, key])`` with the random flip."""
@@ -100,7 +102,7 @@ def _dataset_class():
                 raise self._shard_error(shard_id, err) from err
 
         def _forget_download(self, shard_id: int) -> None:
-            from streaming.base.dataset import _ShardState
+            from streaming.base.dataset import _ShardState  # deferred: heavy import
 
             lock = getattr(self, "_cache_filelock", None)
             if lock is None:
@@ -153,9 +155,9 @@ def _dataset_class():
 
 
 def _loader_class():
-    from streaming import StreamingDataLoader
+    from streaming import StreamingDataLoader  # deferred: heavy import
 
-    from fractalgen.models.configs import IMAGENET_MEAN, IMAGENET_STD
+    from fractalgen.models.configs import IMAGENET_MEAN, IMAGENET_STD  # deferred: heavy import
 
     class FractalLoader(StreamingDataLoader):
         """``StreamingDataLoader`` yielding normalised float32 ``(B, 3, S, S)`` images and int64 labels.
@@ -216,7 +218,7 @@ def _setup_world(
 
 def _run_token(uri: str, world_size: int, local_world_size: int) -> str:
     """A name shared by the ranks of one run, for the cache folder they share."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # deferred: heavy import
 
     if local_world_size == 1:
         return uuid.uuid4().hex[:12]
@@ -232,13 +234,11 @@ def _run_token(uri: str, world_size: int, local_world_size: int) -> str:
             "several ranks per node but no torch.distributed group or run id to agree on a cache "
             "folder: pass local_cache= (the same on every rank of a node, unique per run)"
         )
-    import hashlib
 
     return hashlib.sha256(f"{run_id}|{uri}|{world_size}".encode()).hexdigest()[:12]
 
 
 def _cache_name(uri: str) -> str:
-    import hashlib
 
     digest = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:10]
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in storage.basename(uri))[:40]
@@ -330,8 +330,6 @@ def build_loader(
     storage.export_streaming_endpoint(endpoint)
     index = _check_dataset(uri, endpoint)
     try:
-        from fractalgen.pipelines.summary import read_summary
-
         summary: dict[str, Any] | None = read_summary(uri, endpoint=endpoint)
     except DataError:
         summary = None
@@ -357,7 +355,7 @@ def build_loader(
     if clean_shared_memory is None:
         clean_shared_memory = not owns_cache and remote is not None
     if clean_shared_memory and not _cleaned_shared_memory:
-        from streaming.base.util import clean_stale_shared_memory
+        from streaming.base.util import clean_stale_shared_memory  # deferred: heavy import
 
         clean_stale_shared_memory()
         _cleaned_shared_memory = True

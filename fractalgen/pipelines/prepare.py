@@ -38,6 +38,7 @@ Stored sample: ``{"image": "png" (the cropped uint8 RGB image, lossless), "label
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
@@ -61,6 +62,7 @@ from typing import Any, Literal
 from fractalgen import storage
 from fractalgen.pipelines import DataError
 from fractalgen.pipelines.sources import Part, Record, open_source
+from fractalgen.pipelines.summary import read_summary, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +130,6 @@ def _die_with_parent(parent_pid: int) -> None:
     a daemon thread polls the parent pid (a dead parent's children are re-parented, so it changes).
     """
     if sys.platform.startswith("linux"):
-        import ctypes
-
         # Without a usable libc the watcher thread below still ends this process.
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
@@ -170,8 +170,8 @@ def _report(n: int) -> None:
 
 def convert_part(task: PartTask, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Convert one part and publish it; returns its ``part.json`` content."""
-    from PIL import Image
-    from streaming import MDSWriter
+    from PIL import Image  # deferred: heavy import
+    from streaming import MDSWriter  # deferred: heavy import
 
     report = progress or _report
     name = part_name(task.index)
@@ -239,7 +239,7 @@ def convert_part(task: PartTask, progress: Callable[[int], None] | None = None) 
 
 def _decode(record: Record, size: int) -> tuple[Any, str]:
     """``(the (size, size, 3) uint8 crop, "")`` of a record, or ``(None, why it is skipped)``."""
-    from fractalgen.pipelines.crop import UnsupportedImage, decode_and_crop
+    from fractalgen.pipelines.crop import UnsupportedImage, decode_and_crop  # deferred: heavy import
 
     if record.error is not None:
         return None, record.error
@@ -454,7 +454,7 @@ def _clean_reason(err: Exception) -> str:
 
 def _merge_index(out: str, part_names: Sequence[str], endpoint: str | None) -> None:
     """Merge the parts' index.json files into OUT/index.json (published last)."""
-    from streaming.base.util import merge_index
+    from streaming.base.util import merge_index  # deferred: heavy import
 
     with tempfile.TemporaryDirectory(prefix="fractalgen-merge-") as tmp:
         paths = []
@@ -527,8 +527,8 @@ def prepare_dataset(
     ``out``, a resume with other settings, or another run writing ``out`` (after ``LOCK_WAIT_S``).
     Errors found before converting leave ``out`` as it was.
     """
-    from streaming.base.compression import is_compression
-    from streaming.base.util import bytes_to_int
+    from streaming.base.compression import is_compression  # deferred: heavy import
+    from streaming.base.util import bytes_to_int  # deferred: heavy import
 
     started = time.time()
     storage.check_scheme(out)
@@ -574,8 +574,6 @@ def prepare_dataset(
         else:  # again: another run may have changed `out` while this one waited for the lock
             existing_plan = _check_output(out, plan, endpoint)
         if existing_plan is not None and storage.exists(storage.join(out, "index.json"), endpoint=endpoint):
-            from fractalgen.pipelines.summary import read_summary
-
             log.info("%s is already complete", out)
             return read_summary(out, endpoint=endpoint)
         if existing_plan is None:
@@ -598,7 +596,6 @@ def prepare_dataset(
             _discard(out, endpoint)
             raise _no_images_error(source, out, summary["skipped"], f"nothing was written to {out}")
         summary.update(summary_extra or {})
-        from fractalgen.pipelines.summary import write_summary
 
         write_summary(out, summary, endpoint=endpoint)
         _merge_index(out, [part_name(i) for i in range(summary["num_parts"])], endpoint)
@@ -673,7 +670,7 @@ def _convert(
 
 
 def _run_tasks(tasks: list[PartTask], *, workers: int, progress: bool, total: int, desc: str) -> None:
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # deferred: heavy import
 
     if not tasks:
         return

@@ -385,7 +385,7 @@ class TarSource:
 
 
 def _open_parquet(uri: str, endpoint: str | None):
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: heavy import
 
     # pyarrow reads through a seekable Python file (ranged boto3 GETs on S3): fork-safe for worker
     # processes, unlike an S3 filesystem initialised in the parent.
@@ -499,7 +499,7 @@ class ParquetSource:
         label_column: str = "label",
         endpoint: str | None = None,
     ) -> None:
-        import pyarrow as pa
+        import pyarrow as pa  # deferred: heavy import
 
         self.uri = uri
         self.endpoint = endpoint

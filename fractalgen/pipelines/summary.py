@@ -34,7 +34,7 @@ REQUIRED_KEYS = ("num_images", "num_classes", "class_names", "image_size")
 
 
 def _parquet_bytes(table) -> bytes:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: heavy import
 
     buf = io.BytesIO()
     pq.write_table(table, buf)
@@ -43,7 +43,7 @@ def _parquet_bytes(table) -> bytes:
 
 def write_summary(out: str, summary: dict[str, Any], *, endpoint: str | None = None) -> None:
     """Write ``summary.json``, ``summary.parquet`` and ``skipped.parquet`` into the dataset ``out``."""
-    import pyarrow as pa
+    import pyarrow as pa  # deferred: heavy import
 
     scalars = {k: v for k, v in summary.items() if k not in ("class_names", "class_counts", "skipped")}
     classes = pa.table(

@@ -75,8 +75,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fractalgen import __version__
+from fractalgen import __version__, storage
 from fractalgen.config import TrainRunConfig, from_dict, to_dict
+from fractalgen.pipelines.summary import read_summary
 
 GiB = float(1 << 30)
 
@@ -464,14 +465,12 @@ class ClusterPlan:
 def _num_images(cfg: TrainRunConfig, explicit: int | None, num_classes: int) -> tuple[int, str]:
     if explicit is not None:
         return explicit, "--num-images"
-    from fractalgen import storage
-    from fractalgen.pipelines.summary import read_summary
 
     uri = cfg.data.train_uri
     reason = "data.train_uri is empty"
     if uri:
         try:
-            endpoint = storage.endpoint_url(cfg.data.s3_endpoint_url) if storage.is_remote(uri) else None
+            endpoint = storage.endpoint_for(uri, cfg.data.s3_endpoint_url)
             summary = read_summary(uri, endpoint=endpoint)
             return int(summary["num_images"]), f"dataset summary at {uri}"
         except Exception as err:  # no dataset yet, no credentials, no network: say so and go on
@@ -498,8 +497,8 @@ def make_plan(
     Raises ``PlanRefused`` when the shape cannot run the recipe (the plan is attached as ``.plan``
     when it got that far, so the caller can still show the memory table).
     """
-    from fractalgen.models import MODEL_CONFIGS, get_config
-    from fractalgen.models.inspect import level_costs
+    from fractalgen.models import MODEL_CONFIGS, get_config  # deferred: heavy import
+    from fractalgen.models.inspect import level_costs  # deferred: heavy import
 
     t, c = cfg.train, cfg.cluster
     notes: list[str] = []
@@ -587,7 +586,7 @@ def make_plan(
     total_h = total_steps * step_s / 3600.0
     mfu = images_per_s * 3 * gflops_fwd * 1e9 / (gpus * H100_DENSE_BF16_TFLOPS * 1e12)
 
-    from fractalgen.platform.training.engine import deepspeed_config
+    from fractalgen.platform.training.engine import deepspeed_config  # deferred: heavy import
 
     bucket = int(
         deepspeed_config(final, use_gpu=True)["zero_optimization"].get("reduce_bucket_size", 50_000_000)

@@ -24,7 +24,7 @@ def connect_ray(address: str | None = None, *, dashboard: bool = False) -> None:
     placement-group cleaner asks the state API, which the dashboard serves, whether a run is alive;
     without it, it warns every second. Without ``dashboard`` (sweeps, generation) Ray stays quiet.
     """
-    import ray  # deferred: heavy, and `fractalgen --help` must start fast
+    import ray  # deferred: heavy import # deferred: heavy, and `fractalgen --help` must start fast
 
     if ray.is_initialized():
         return

@@ -24,15 +24,16 @@ from __future__ import annotations
 import base64
 import contextlib
 import html
-import io
 import logging
 import os
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,13 @@ from fractalgen.platform.artifacts.model_store import (
     RegistryError,
     _versions,
     client,
+    ensure_experiment,
     get_version,
     use_tracking_uri,
 )
+from fractalgen.platform.images import auto_scale, grid_png
 from fractalgen.sampling_settings import TAG_PREFIX as SAMPLING_PREFIX
+from fractalgen.sampling_settings import SamplingSettings
 
 log = logging.getLogger(__name__)
 
@@ -92,35 +96,6 @@ def _find_training_run(c: Any, run_name: str | None) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def ensure_experiment(c: Any, name: str, tracking_uri: str | None = None) -> str:
-    """The id of experiment ``name``, created if needed; with a SQLite store its artifacts go beside
-    the database (``mlartifacts/``), as the training runs' do, not into the working directory."""
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    uri = tracking_uri or c.tracking_uri
-    location = None
-    if str(uri).startswith("sqlite:///"):
-        folder = os.path.dirname(os.path.abspath(str(uri)[len("sqlite:///") :]))
-        location = "file://" + os.path.join(folder, "mlartifacts")
-    return c.create_experiment(name, artifact_location=location)
-
-
-def _grid_png(images: Any, ncols: int | None = None) -> bytes:
-    from fractalgen.platform.images import auto_scale, make_grid
-
-    grid = (make_grid(images, ncols).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    from PIL import Image
-
-    img = Image.fromarray(grid)
-    s = auto_scale(images.size(-1))
-    if s > 1:
-        img = img.resize((img.width * s, img.height * s), Image.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def register_checkpoint(
     checkpoint: str,
     name: str,
@@ -144,14 +119,20 @@ def register_checkpoint(
     ``model_name`` names the architecture when the file cannot tell (old released files do). The new
     version gets ``aliases`` (default ``candidate``). Returns the version.
     """
-    import mlflow
+    import mlflow  # deferred: heavy import
 
-    from fractalgen.models import CheckpointError, load_released, save_released
-    from fractalgen.models.checkpoint import read_checkpoint
-    from fractalgen.platform.generation.sampling import balanced_labels, generate_images
-    from fractalgen.platform.generation.serving import CHECKPOINT_ARTIFACT, FractalGenPyfunc, default_params
-    from fractalgen.platform.generation.sources import resolve_model_source
-    from fractalgen.sampling_settings import SamplingSettings
+    from fractalgen.models import CheckpointError, load_released, save_released  # deferred: heavy import
+    from fractalgen.models.checkpoint import read_checkpoint  # deferred: heavy import
+    from fractalgen.platform.generation.sampling import (  # deferred: heavy import
+        balanced_labels,
+        generate_images,
+    )
+    from fractalgen.platform.generation.serving import (  # deferred: heavy import
+        CHECKPOINT_ARTIFACT,
+        FractalGenPyfunc,
+        default_params,
+    )
+    from fractalgen.platform.generation.sources import resolve_model_source  # deferred: heavy import
 
     c = client(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="fractalgen-register-") as work:
@@ -182,8 +163,8 @@ def register_checkpoint(
             with mlflow.start_run(
                 experiment_id=experiment_id, run_name=f"register-{name}", tags=run_tags
             ) as run:
-                import pandas as pd
-                from mlflow.models import infer_signature
+                import pandas as pd  # deferred: heavy import
+                from mlflow.models import infer_signature  # deferred: heavy import
 
                 params = default_params(model.config)
                 with warnings.catch_warnings():
@@ -218,7 +199,7 @@ def register_checkpoint(
                     images = generate_images(model, labels, settings, batch_size=grid_images, seed=grid_seed)
                     grid_path = "registry/grid.png"
                     grid_file = Path(work) / "grid.png"
-                    grid_file.write_bytes(_grid_png(images))
+                    grid_file.write_bytes(grid_png(images, scale=auto_scale(images.size(-1))))
                     mlflow.log_artifact(str(grid_file), "registry")
                     mlflow.log_dict(
                         {"labels": labels.tolist(), "seed": grid_seed,
@@ -257,7 +238,7 @@ def register_checkpoint(
 
 def architecture_name(config: Any, args: Mapping[str, Any] | None = None) -> str:
     """The registered size a model config is (``args["model"]`` of a released file first), else ``custom``."""
-    from fractalgen.models import MODEL_CONFIGS
+    from fractalgen.models import MODEL_CONFIGS  # deferred: heavy import
 
     if args and isinstance(args.get("model"), str) and args["model"] in MODEL_CONFIGS:
         return args["model"]
@@ -281,7 +262,6 @@ def _wait_ready(c: Any, name: str, version: str, timeout_s: float = 120.0) -> An
 
 def _requirements() -> list[str]:
     """Pinned requirements of the serving environment (fractalgen itself comes from the project image)."""
-    from importlib.metadata import PackageNotFoundError, version
 
     out = []
     for pkg in ("torch", "torchvision", "numpy", "pillow", "pyyaml", "pandas", "mlflow"):
@@ -352,7 +332,6 @@ class VersionSummary:
 
     @property
     def best_settings(self) -> str:
-        from fractalgen.sampling_settings import SamplingSettings
 
         s = SamplingSettings.from_tags(self.tags)
         return s.describe() if s.to_tags() else "-"
@@ -435,7 +414,6 @@ def _short(text: str, width: int = 40) -> str:
 
 
 def _wrap(text: str, width: int) -> list[str]:
-    import textwrap
 
     return textwrap.wrap(text, width) or [""]
 
@@ -477,7 +455,7 @@ def render_terminal(
 
 def _ansi_thumbnail(path: Path, width: int) -> list[str]:
     """An image as lines of '▀' characters in 24-bit colour (two pixel rows per line)."""
-    from PIL import Image
+    from PIL import Image  # deferred: heavy import
 
     img = Image.open(path).convert("RGB")
     h = max(2, round(img.height * width / img.width))
@@ -547,7 +525,7 @@ def promote(
     """Show the comparison of ``version`` with the current holder of ``alias``, then move ``alias``
     to ``version``. Returns the previous holder's version (None if none). ``RegistryError`` for an
     unknown model or version; nothing changes when ``confirm`` answers no."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # deferred: heavy import
 
     out = out or sys.stdout
     c = client(tracking_uri)

@@ -221,3 +221,26 @@ def test_unconditional_models_refuse_lower_guidance() -> None:
     model = build_model("fractalmar_tiny16", num_classes=1)
     with pytest.raises(ValueError, match=r"lower_cfg must be 1\.0"):
         model.sample(torch.tensor([0]), lower_cfg=2.0)
+
+
+def test_with_lower_cfg_the_guiding_pixel_of_level_one_keeps_the_top_weight() -> None:
+    """fractalmar_tiny32 has guiding pixels: level 1's is sampled with the top step's weight, while the
+    levels below guide with lower_cfg (here constant 1.25) down to the pixel head."""
+    torch.manual_seed(0)
+    model = build_model("fractalmar_tiny32").eval()
+    level1 = model.next_fractal.generator
+    seen: list[torch.Tensor] = []
+    orig = level1.guiding_pixel_loss.sample
+
+    def spy(conds, cfg, settings):  # type: ignore[no-untyped-def]
+        seen.append(cfg.clone())
+        return orig(conds, cfg, settings)
+
+    level1.guiding_pixel_loss.sample = spy  # type: ignore[method-assign]
+    calls, _ = _spy_pixel_head(model)
+    steps, w = 4, 3.0
+    model.sample(
+        torch.tensor([1, 2]), seed=0, cfg=w, cfg_schedule="constant", lower_cfg=1.25, num_iters=(steps, 2, 2)
+    )
+    assert seen and all(torch.all(c == w) for c in seen)
+    assert calls and all(torch.all(cfg == 1.25) for _, cfg, _, _ in calls)

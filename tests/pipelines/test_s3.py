@@ -63,6 +63,22 @@ def test_storage_helpers(root: str, tmp_path: Path) -> None:
     assert not storage.exists(storage.join(root, "c.txt"))
 
 
+def test_ray_storage_and_endpoint_for(root: str) -> None:
+    """What Ray Train / Tune get as storage, and the endpoint each URI is read with."""
+    filesystem, path = storage.ray_storage(storage.join(root, "runs"))
+    if not storage.is_remote(root):
+        assert filesystem is None and path == str(Path(root, "runs").absolute())
+        assert storage.endpoint_for(root, "http://127.0.0.1:1") is None
+        return
+    bucket, prefix = storage.split_s3(root)
+    assert path == f"{bucket}/{prefix}/runs"
+    assert storage.endpoint_for(root) == storage.endpoint_url() is not None  # the fixture's moto endpoint
+    assert storage.endpoint_for(root, "http://127.0.0.1:1") == "http://127.0.0.1:1"
+    with filesystem.open_output_stream(f"{path}/x.txt") as f:  # reaches moto: the endpoint was passed
+        f.write(b"ray")
+    assert storage.read_bytes(storage.join(root, "runs", "x.txt")) == b"ray"
+
+
 def test_s3_sources_to_s3_dataset_and_resume(s3_server, tmp_path: Path) -> None:
     rng = np.random.default_rng(30)
     bucket = f"s3://{s3_server.new_bucket()}"

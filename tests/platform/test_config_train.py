@@ -84,6 +84,10 @@ def test_dotted_overrides_are_typed() -> None:
         ("checkpoint.keep_last=0", "checkpoint.keep_last"),
         ("mlflow.tracking_uri=[1]", "mlflow.tracking_uri"),
         ("model.attention=flash", "model.attention"),
+        ("eval.cfg_schedule=wobbly", "eval.cfg_schedule"),
+        ("eval.cfg_schedule=interval:start=0.9,end=0.1", "eval.cfg_schedule"),
+        ("eval.lower_cfg=0.5", "eval.lower_cfg"),
+        ("eval.temperature_end=0", "eval.temperature_end"),
     ],
 )
 def test_bad_key_or_value_fails_before_ray_naming_the_key(override: str, key: str, capsys) -> None:
@@ -91,6 +95,23 @@ def test_bad_key_or_value_fails_before_ray_naming_the_key(override: str, key: st
     err = capsys.readouterr().err
     assert code == 2 and key in err, err
     assert not _ray_started()
+
+
+def test_recipe_eval_section_holds_a_whole_sampling_setting() -> None:
+    cfg = load(TrainRunConfig, str(CONFIGS / "demo.yaml"), [
+        "eval.cfg_schedule=power-cosine:exponent=3", "eval.lower_cfg=1.5",
+        "eval.lower_cfg_schedule=interval:start=0,end=0.5", "eval.temperature_end=0.9",
+    ])  # fmt: skip
+    s = cfg.eval.sampling()
+    assert (
+        str(s.cfg_schedule) == "power-cosine:exponent=3"
+        and str(s.lower_cfg_schedule) == "interval:start=0,end=0.5"
+    )
+    assert (s.lower_cfg, s.temperature_end) == (1.5, 0.9)
+    assert (
+        cfg.eval.sampling(unconditional=True).cfg is None
+        and cfg.eval.sampling(unconditional=True).lower_cfg is None
+    )
 
 
 def test_missing_dataset_uri_fails_before_ray(tmp_path: Path, capsys) -> None:

@@ -56,6 +56,35 @@ def test_pngs_and_grid_equal_direct_sampling(ckpts: dict[str, Path], tmp_path: P
     )
 
 
+def test_schedule_flags_reach_the_model_and_sample_json(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    flags = ["--cfg", "3", "--cfg-schedule", "interval:start=0.25,end=0.75", "--lower-cfg", "1.5",
+             "--lower-cfg-schedule", "cosine", "--temperature-end", "0.9", "--filter-threshold", "0.001"]  # fmt: skip
+    assert main(["sample", "--model", str(ckpts["mar32"]), "--out", str(tmp_path), "--labels", "2,3",
+                 "--seed", "1", "--num-iters", "4,2,2", "-q", *flags]) == 0  # fmt: skip
+    model = load_released(ckpts["mar32"])
+    expected = model.sample(
+        torch.tensor([2, 3]), seed=1, num_iters=(4, 2, 2), cfg=3.0, cfg_schedule="interval:start=0.25,end=0.75",
+        lower_cfg=1.5, lower_cfg_schedule="cosine", temperature_end=0.9, filter_threshold=1e-3,
+    )  # fmt: skip
+    np.testing.assert_array_equal(read_pngs(tmp_path, [2, 3]), as_uint8(expected))
+    settings = json.loads((tmp_path / "sample.json").read_text())["settings"]
+    assert (
+        settings["cfg_schedule"] == "interval:start=0.25,end=0.75"
+        and settings["lower_cfg_schedule"] == "cosine"
+    )
+    assert (settings["lower_cfg"], settings["temperature_end"]) == ("1.5", "0.9")
+
+
+@pytest.mark.parametrize("spec", ["cubic", "interval:start=0.5,end=0.5", "power-cosine:exponent=-1"])
+def test_bad_schedule_flag_exits_2_naming_it(
+    ckpts: dict[str, Path], tmp_path: Path, spec: str, capsys
+) -> None:
+    code = main(
+        ["sample", "--model", str(ckpts["mar"]), "--out", str(tmp_path), "--cfg-schedule", spec, "-q"]
+    )
+    assert code == 2 and "cfg_schedule" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["mar", "ar", "mar32"])
 def test_animation_replays_the_generation_order(ckpts: dict[str, Path], kind: str) -> None:
     from fractalgen.cli.sample import BACKGROUND, GenerationRecorder

@@ -43,3 +43,26 @@ def test_good_requests_still_answered(server: str) -> None:
     assert status == 200, text[:500]
     predictions = json.loads(text)["predictions"]
     assert [p["label"] for p in predictions] == [0, 9] and all(p["image"] for p in predictions)
+
+
+def test_served_schedules_equal_direct_sampling(server: str) -> None:
+    """The served params take every schedule setting: the images equal ``model.sample`` in-process
+    with the same settings and seed (the served weights are the fixture's seed-0 tiny model)."""
+    import numpy as np
+    import torch
+
+    from fractalgen.models import build_model
+    from fractalgen.platform.generation.sampling import to_uint8
+    from fractalgen.platform.generation.serving import decode_images
+
+    params = {**GOOD_PARAMS, "cfg": 3.0, "cfg_schedule": "interval:start=0.25,end=1", "lower_cfg": 1.5,
+              "lower_cfg_schedule": "power-cosine:exponent=2", "temperature_end": 0.8, "seed": 4}  # fmt: skip
+    status, text = post(server, {"dataframe_records": [{"label": 2}, {"label": 7}], "params": params})
+    assert status == 200, text[:500]
+    torch.manual_seed(0)
+    model = build_model("fractalmar_tiny16").eval()
+    direct = model.sample(
+        torch.tensor([2, 7]), seed=4, num_iters=(2, 2), cfg=3.0, cfg_schedule="interval:start=0.25,end=1",
+        lower_cfg=1.5, lower_cfg_schedule="power-cosine:exponent=2", temperature=1.0, temperature_end=0.8,
+    )  # fmt: skip
+    np.testing.assert_array_equal(decode_images(json.loads(text)), to_uint8(direct))

@@ -8,6 +8,7 @@ reproduce its losses and its per-step sample ledger exactly after their restore.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -251,3 +252,38 @@ def test_relaunch_resumes_finished_run_and_nonfinite_loss_stops_keeping_last_goo
     assert "checkpoint_000000013" in names and "checkpoint_000000014" not in names
     state = read_checkpoint_files(storage.join(ref.run_uri, "checkpoint_000000013"))["state"]
     assert state["resumed_from"] == [STEPS] and state["step"] == STEPS + 1
+
+
+def test_outcome_and_evaluation_come_back_in_ray_result(cluster, dataset, tmp_path) -> None:
+    """A 2-step ZeRO-2 run with a held-out set, launched with ``build_trainer(plan).fit()`` alone (no
+    driver around it): Ray's Result carries the loop's outcome as rank 0's return value (finished at
+    step 2, its checkpoint, the metrics Ray also has from the last checkpoint's report); the workers
+    write no status file; the ``eval_bpd`` of the last step is ``evaluate_nll``'s on the exported
+    final weights, over ``eval.nll_batches`` micro-batches."""
+    from fractalgen.models import load_released
+    from fractalgen.platform.artifacts.checkpoints import export_consolidated
+    from fractalgen.platform.evaluation.data import evaluate_nll
+    from fractalgen.platform.training.driver import STATUS_FILE, build_trainer, plan_run
+
+    cfg = tiny_config(
+        name="result",
+        data=dataset,
+        storage_path=str(tmp_path / "runs"),
+        stage=2,
+        steps=2,
+        every=2,
+        extra=[f"data.eval_uri={dataset}", "eval.nll_batches=2", "eval.sample_iters=[2,2]"],
+    )
+    plan = plan_run(cfg)
+    result = build_trainer(plan).fit()
+    outcome = result.return_value
+    checkpoint = storage.join(plan.run_uri, "checkpoint_000000002")
+    assert outcome["status"] == "finished" and outcome["step"] == 2 and outcome["resumed_from"] == []
+    assert outcome["checkpoint"] == checkpoint
+    assert outcome["metrics"]["loss"] == result.metrics["loss"] and math.isfinite(outcome["metrics"]["loss"])
+    assert outcome["metrics"]["eval_bpd"] == result.metrics["eval_bpd"]
+    assert not os.path.exists(os.path.join(plan.run_uri, STATUS_FILE))
+
+    model = load_released(export_consolidated(checkpoint, tmp_path / "weights.pth"))
+    expected = evaluate_nll(model, dataset, batch_size=4, max_images=8, progress=False)
+    assert outcome["metrics"]["eval_bpd"] == pytest.approx(expected["nll_bpd"], rel=1e-5)

@@ -38,6 +38,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from fractalgen import storage
 from fractalgen.platform.artifacts.run_plan import DS_TAG, STATE_FILE
 
 PLAN_FILE = "plan.json"
@@ -49,7 +50,6 @@ class CheckpointNotFound(FileNotFoundError):
 
 def resolve_checkpoint(uri: str, *, endpoint: str | None = None) -> str:
     """``uri`` itself if it is a checkpoint, or the latest checkpoint of the run folder ``uri``."""
-    from fractalgen import storage
 
     if storage.exists(storage.join(uri, STATE_FILE), endpoint=endpoint):
         return uri
@@ -65,7 +65,6 @@ def resolve_checkpoint(uri: str, *, endpoint: str | None = None) -> str:
 
 def fetch_checkpoint(uri: str, dest: str, *, endpoint: str | None = None) -> str:
     """A local folder holding the checkpoint: ``uri`` itself if local, else a copy under ``dest``."""
-    from fractalgen import storage
 
     if not storage.is_remote(uri):
         return storage.local_path(uri)
@@ -120,7 +119,7 @@ def read_ds_file(path: str, *, optimizer: bool = False) -> dict[str, Any]:
     ``optimizer``: an optimizer-states file (``OPTIMIZER_FILE_GLOBALS`` allowed, memory-mapped).
     ``CheckpointError`` naming the file when it is missing, foreign, or holds anything else.
     """
-    from fractalgen.models.checkpoint import CheckpointError, safe_load
+    from fractalgen.models.checkpoint import CheckpointError, safe_load  # deferred: heavy import
 
     kind = "optimizer-states" if optimizer else "model-states"
     what = f"a DeepSpeed {kind} file of a fractalgen training checkpoint"
@@ -131,7 +130,7 @@ def read_ds_file(path: str, *, optimizer: bool = False) -> dict[str, Any]:
 
 
 def _entry(d: Any, key: str, path: str) -> Any:
-    from fractalgen.models.checkpoint import CheckpointError
+    from fractalgen.models.checkpoint import CheckpointError  # deferred: heavy import
 
     if not isinstance(d, dict) or key not in d:
         raise CheckpointError(f"{path} is not a DeepSpeed checkpoint file as training writes it (no {key!r})")
@@ -140,7 +139,7 @@ def _entry(d: Any, key: str, path: str) -> Any:
 
 def _ds_files(ds_dir: str, pattern: str) -> list[str]:
     """The files matching ``pattern`` in rank order (``..._rank_2_...`` before ``..._rank_10_...``)."""
-    from fractalgen.models.checkpoint import CheckpointError
+    from fractalgen.models.checkpoint import CheckpointError  # deferred: heavy import
 
     def natural(path: str) -> list[Any]:
         return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
@@ -156,7 +155,7 @@ def _numel(shape: Any) -> int:
 
 
 def _cat(tensors: list[Any]) -> Any:
-    import torch
+    import torch  # deferred: heavy import
 
     return torch.cat(tensors, 0)
 
@@ -168,7 +167,7 @@ def zero_fp32_state_dict(ds_dir: str) -> dict[str, Any]:
     parameters, shared parameters; same order, same values), with every file read by
     ``read_ds_file``.
     """
-    from fractalgen.models.checkpoint import CheckpointError
+    from fractalgen.models.checkpoint import CheckpointError  # deferred: heavy import
 
     model_files = _ds_files(ds_dir, MODEL_FILE_PATTERN)
     models = [read_ds_file(f) for f in model_files]
@@ -222,7 +221,7 @@ def _merge_zero2(
 ) -> None:
     """ZeRO-1/2: each parameter group's fp32 vector is split in rank order; parameters follow one
     another in it (each followed by its alignment padding, when recorded)."""
-    from fractalgen.models.checkpoint import CheckpointError
+    from fractalgen.models.checkpoint import CheckpointError  # deferred: heavy import
 
     world = len(groups)
     if any(len(g) != len(param_shapes) for g in groups):
@@ -252,9 +251,9 @@ def _merge_zero3(
 ) -> None:
     """ZeRO-3: every parameter is split in ``world`` equal slices (the last padded); rank r's groups,
     end to end, hold its slice of every parameter in order."""
-    import torch
+    import torch  # deferred: heavy import
 
-    from fractalgen.models.checkpoint import CheckpointError
+    from fractalgen.models.checkpoint import CheckpointError  # deferred: heavy import
 
     bounds = [0]
     for t in groups[0]:
@@ -287,7 +286,7 @@ def consolidated_state_dict(folder: str) -> dict[str, Any]:
     """The model's fp32 weights from the DeepSpeed files in a local checkpoint folder (any ZeRO stage),
     every file loaded safely (module docstring, Trust). ``CheckpointError`` names the file or folder
     that is not what training writes."""
-    from fractalgen.models.checkpoint import CheckpointError
+    from fractalgen.models.checkpoint import CheckpointError  # deferred: heavy import
 
     plan = read_plan(folder)
     stage = int(plan["config"]["train"]["zero_stage"])
@@ -314,20 +313,20 @@ def export_consolidated(
 
     The file is in the released format; ``args`` records the model name, run name, step and epoch.
     """
-    from fractalgen.models import save_released
-    from fractalgen.platform.artifacts.run_plan import WorkerPlan, build_run_model
+    from fractalgen.models import save_released  # deferred: heavy import
+    from fractalgen.platform.artifacts.run_plan import WorkerPlan, build_run_model  # deferred: heavy import
 
     uri = resolve_checkpoint(checkpoint_uri, endpoint=endpoint)
     tmp = tempfile.mkdtemp(prefix="fractalgen-export-")
     try:
         folder = fetch_checkpoint(uri, tmp, endpoint=endpoint)
-        from fractalgen.config import from_dict
+        from fractalgen.config import from_dict  # deferred: heavy import
 
         plan = from_dict(WorkerPlan, read_plan(folder))
         with open(os.path.join(folder, STATE_FILE)) as f:
             state = json.load(f)
         weights = consolidated_state_dict(folder)
-        import torch
+        import torch  # deferred: heavy import
 
         with torch.device("meta"):
             model = build_run_model(plan)  # the architecture (shapes), checked against the weights

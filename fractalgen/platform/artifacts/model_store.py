@@ -1,12 +1,15 @@
 """The MLflow model registry as a store of model files: a client, ``models:/`` URIs, finding a version
-and the checkpoint file inside a downloaded model; and ``use_tracking_uri``, MLflow's process-wide URI
-for a block. Registering, reviewing and promoting versions is ``fractalgen.platform.registry``'s job."""
+and the checkpoint file inside a downloaded model; ``use_tracking_uri``, MLflow's process-wide URI
+for a block; and what every MLflow user here shares: ``ensure_experiment`` and ``flatten_params``
+(training runs, sweeps, registrations). Registering, reviewing and promoting versions is
+``fractalgen.platform.registry``'s job."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,9 +32,9 @@ def use_tracking_uri(uri: str | None, *, registry: bool = False) -> Iterator[Non
     if not uri:
         yield
         return
-    import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
+    import mlflow  # deferred: heavy import
+    from mlflow.tracking._model_registry import utils as registry_utils  # deferred: heavy import
+    from mlflow.tracking._tracking_service import utils as tracking_utils  # deferred: heavy import
 
     saved_env = {key: os.environ.get(key) for key in URI_ENV}
     saved = tracking_utils._tracking_uri, registry_utils._registry_uri
@@ -57,11 +60,41 @@ class RegistryError(ValueError):
 def client(tracking_uri: str | None = None) -> MlflowClient:
     """An ``MlflowClient`` for ``tracking_uri`` (default: MLFLOW_TRACKING_URI / mlflow's default);
     the registry is the tracking server's unless MLFLOW_REGISTRY_URI says otherwise."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # deferred: heavy import
 
     return MlflowClient(
         tracking_uri=tracking_uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
     )
+
+
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value (longer values are refused)
+
+
+def flatten_params(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
+    """Nested mappings as flat MLflow params in ``out`` (and returned): ``{"train": {"lr": 1}}`` with
+    prefix ``""`` -> ``{"train.lr": "1"}``; lists as JSON, other values as ``str``, each cut to
+    ``MAX_PARAM_LENGTH`` characters."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            flatten_params(f"{prefix}{k}.", v, out)
+    else:
+        text = json.dumps(value) if isinstance(value, list) else str(value)
+        out[prefix.rstrip(".")] = text[:MAX_PARAM_LENGTH]
+    return out
+
+
+def ensure_experiment(c: MlflowClient, name: str, tracking_uri: str | None = None) -> str:
+    """The id of experiment ``name``, created if needed; with a SQLite store its artifacts go beside
+    the database (``mlartifacts/``), not into the working directory."""
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    uri = str(tracking_uri or c.tracking_uri)
+    location = None
+    if uri.startswith("sqlite:///"):
+        folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///") :]))
+        location = "file://" + os.path.join(folder, "mlartifacts")
+    return c.create_experiment(name, artifact_location=location)
 
 
 # ------------------------------------------------------------------------------ finding versions
@@ -82,7 +115,7 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 
 def _versions(c: Any, name: str) -> list[Any]:
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # deferred: heavy import
 
     try:
         c.get_registered_model(name)
@@ -98,7 +131,7 @@ def get_version(
     name: str, version: str | int | None = None, alias: str | None = None, *, c: Any = None
 ) -> Any:
     """The ``ModelVersion`` NAME/VERSION or NAME@ALIAS; ``RegistryError`` naming what exists otherwise."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # deferred: heavy import
 
     c = c or client()
     versions = _versions(c, name)
@@ -128,7 +161,7 @@ def resolve_version(uri: str, *, c: Any = None) -> Any:
 
 
 def _checkpoint_in_model_dir(model_dir: Path) -> Path:
-    import yaml
+    import yaml  # deferred: heavy import
 
     mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
     arts = (mlmodel.get("flavors", {}).get("python_function", {}) or {}).get("artifacts", {}) or {}

@@ -34,7 +34,7 @@ class WorkerPlan:
 
 def build_run_model(plan: WorkerPlan):
     """The model the run trains: the registered size with the run's classes and training options."""
-    from fractalgen.models import build_model
+    from fractalgen.models import build_model  # deferred: heavy import
 
     m = plan.config.model
     return build_model(

@@ -35,7 +35,7 @@ def default_num_passes(model: Any) -> int:
 
 
 def _loader(uri: str, batch_size: int, endpoint: str | None, local_cache: str | None):
-    from fractalgen.pipelines.loader import build_loader
+    from fractalgen.pipelines.loader import build_loader  # deferred: heavy import
 
     return build_loader(
         uri, micro_batch=batch_size, rank=0, world_size=1, shuffle=False, flip=False, drop_last=False,
@@ -62,7 +62,7 @@ def evaluate_nll(
     progress: bool = True,
 ) -> dict[str, float]:
     """Bits/dim of ``model`` on the shard set ``uri``: ``{"nll_bpd", "num_images", "num_passes"}``."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # deferred: heavy import
 
     device = next(model.parameters()).device
     passes = num_passes or default_num_passes(model)
@@ -137,10 +137,10 @@ def reference_statistics(
 ) -> Statistics:
     """Inception statistics of the shard set ``uri`` (``metrics.Statistics``, with up to
     ``keep_features`` features kept for precision/recall)."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # deferred: heavy import
 
-    from fractalgen.platform.evaluation.inception import extract_features
-    from fractalgen.platform.evaluation.metrics import feature_statistics
+    from fractalgen.platform.evaluation.inception import extract_features  # deferred: heavy import
+    from fractalgen.platform.evaluation.metrics import feature_statistics  # deferred: heavy import
 
     feats = []
     device = next(inception.parameters()).device

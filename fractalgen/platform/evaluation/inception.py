@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fractalgen import storage
+
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 TORCH_FIDELITY_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
@@ -57,7 +59,7 @@ class InceptionWeightsError(ValueError):
 
 
 def _tv():
-    from torchvision.models import inception as tv
+    from torchvision.models import inception as tv  # deferred: heavy import
 
     return tv
 
@@ -243,8 +245,6 @@ def resolve_weights(uri: str | os.PathLike[str] | None = None, *, cache_dir: str
     os.close(fd)
     try:
         if scheme == "s3":
-            from fractalgen import storage
-
             if not storage.exists(text):
                 raise InceptionWeightsMissing(_missing_message([text]))
             storage.download_file(text, tmp)
@@ -277,7 +277,9 @@ def load_inception(
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        from fractalgen.models.checkpoint import load_failure  # torch's reason, without its unsafe advice
+        from fractalgen.models.checkpoint import (
+            load_failure,
+        )  # deferred: heavy import # torch's reason, without its unsafe advice
 
         raise InceptionWeightsError(
             f"{path} is not a PyTorch weights file: {load_failure(path, err)}"

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fractalgen.platform.images import auto_scale, make_grid
+
 DEFAULT_BINS = 4
 
 
@@ -137,9 +139,7 @@ def labelled_grid(
 ) -> Any:
     """PIL image: one row per class (``images`` class-major, ``per_class`` each), scaled up
     (nearest neighbour, ``auto_scale`` by default), the class name under each row, a title on top."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from fractalgen.platform.images import auto_scale, make_grid
+    from PIL import Image, ImageDraw, ImageFont  # deferred: heavy import
 
     size = images.size(-1)
     scale = scale or auto_scale(size)
@@ -166,7 +166,7 @@ def labelled_grid(
 
 def side_by_side(panels: Sequence[Any], gap: int = 16) -> Any:
     """PIL images next to each other on white, top-aligned."""
-    from PIL import Image
+    from PIL import Image  # deferred: heavy import
 
     width = sum(p.width for p in panels) + gap * (len(panels) - 1)
     canvas = Image.new("RGB", (width, max(p.height for p in panels)), "white")
@@ -186,7 +186,9 @@ def learning_curve_png(
 ) -> bytes:
     """PNG of the training loss in bits/dim over the steps (the worker's ``bpd`` metric) and, as
     markers, ``evaluated`` (step, bits/dim) points: the NLL of the weights at those steps."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    from matplotlib.figure import (
+        Figure,
+    )  # deferred: heavy import # no pyplot: no global state, no GUI backend
 
     fig = Figure(figsize=(6.4, 4.0), dpi=100)
     ax = fig.add_subplot()

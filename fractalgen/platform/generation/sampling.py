@@ -49,7 +49,7 @@ def pick_device(device: str | None = None) -> torch.device:
 
 def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> FractalGen:
     """``load_released`` onto ``device`` in evaluation mode."""
-    from fractalgen.models import load_released
+    from fractalgen.models import load_released  # deferred: heavy import
 
     return load_released(path).to(device).eval()
 
@@ -85,7 +85,7 @@ def generate_images(
     known_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Images (N, 3, S, S) in [0, 1] for ``labels`` (N,): batch i is sampled with seed ``seed + i``."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # deferred: heavy import
 
     out = []
     ranges = batch_ranges(len(labels), batch_size)
@@ -127,7 +127,7 @@ class GenerationWorker:
     """
 
     def __init__(self, model_file: Any, inception_file: Any, device: str | None = None) -> None:
-        from fractalgen.platform.evaluation.inception import load_inception
+        from fractalgen.platform.evaluation.inception import load_inception  # deferred: heavy import
 
         self.device = pick_device(device)
         self._tmp = tempfile.mkdtemp(prefix="fractalgen-worker-")
@@ -149,7 +149,7 @@ class GenerationWorker:
     def run(self, job: GenerationJob, batch: tuple[int, int, int]) -> dict[str, Any]:
         """Sample batch ``(i, start, stop)`` with seed ``job.seed + i``; return features and logits (and
         ``sample_seconds``: the time spent generating, without the Inception network)."""
-        from fractalgen.platform.evaluation.inception import extract_features
+        from fractalgen.platform.evaluation.inception import extract_features  # deferred: heavy import
 
         i, start, stop = batch
         t0 = time.perf_counter()  # generation only (sample_batch returns CPU tensors: the device is done)
@@ -192,7 +192,7 @@ def generate_features(
     ``cpus_per_worker`` CPUs; connects to ``RAY_ADDRESS`` or starts a local Ray when none is running)
     and hands them batches as they finish, weights shipped through the object store.
     """
-    from tqdm import tqdm
+    from tqdm import tqdm  # deferred: heavy import
 
     batches = job.batches()
     results: dict[int, dict[str, Any]] = {}
@@ -209,7 +209,7 @@ def generate_features(
         finally:
             worker.close()
     else:
-        import ray
+        import ray  # deferred: heavy import
 
         connect_ray()
         cluster_gpus = ray.cluster_resources().get("GPU", 0)

@@ -6,11 +6,15 @@ Request (``mlflow models serve``, POST /invocations)::
      "params": {"cfg": 6.5, "temperature": 1.02, "cfg_schedule": "linear", "num_iters": [64, 16],
                 "seed": 0, "batch_size": 0}}
 
+Any guidance schedule of docs/model.md#guidance-schedules works (``"cfg_schedule":
+"interval:start=0.2,end=0.8"``), as do ``lower_cfg``, ``lower_cfg_schedule`` and ``temperature_end``;
+their ``0`` / ``""`` defaults mean unset (the released behaviour).
+
 Response: ``{"predictions": [{"label": 207, "image": "<base64 PNG>"}, ...]}``. In Python,
 ``mlflow.pyfunc.load_model("models:/NAME@champion").predict(pd.DataFrame({"label": [...]}), params=...)``
 returns the same as a DataFrame; ``decode_images`` turns it into a uint8 array.
 
-Terms: *params* are the sampling settings (``generate.SamplingSettings``; their defaults in the
+Terms: *params* are the sampling settings (``fractalgen.sampling_settings.SamplingSettings``; their defaults in the
 signature are the model's own defaults when it was logged) plus ``seed`` and ``batch_size``. Batch
 i of the request is sampled with seed ``seed + i``; ``batch_size`` 0 samples all rows as one batch,
 which equals ``model.sample(labels, seed=seed, ...)`` exactly. Weights live in the model's
@@ -21,8 +25,9 @@ environment (``--env-manager local`` in the project image).
 Bad requests (``check_request``) are refused with ``MlflowException(INVALID_PARAMETER_VALUE)``,
 which the scoring server answers with HTTP 400 and the message: a label outside ``0..classes-1``,
 more rows than ``FRACTALGEN_SERVE_MAX_IMAGES`` (default 256) or none, ``batch_size`` outside
-``0..max``, a non-finite ``cfg`` / ``temperature`` / ``filter_threshold`` or one out of its range, an
-unknown ``cfg_schedule``, ``num_iters`` of another depth or outside ``1..patches`` of its level, a
+``0..max``, a non-finite ``cfg`` / ``lower_cfg`` / ``temperature`` / ``temperature_end`` /
+``filter_threshold`` or one out of its range, an unknown or malformed ``cfg_schedule`` /
+``lower_cfg_schedule``, ``num_iters`` of another depth or outside ``1..patches`` of its level, a
 negative ``seed``. The request size is bounded that way: no request samples more than the maximum.
 (The scoring server itself parses the body against the signature first: a non-numeric label or
 setting is refused there, also with a 400; a fractional label is cast to an integer there.)
@@ -40,6 +45,8 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 
+from fractalgen.sampling_settings import SamplingSettings
+
 CHECKPOINT_ARTIFACT = "checkpoint"
 DEVICE_ENV = "FRACTALGEN_SERVE_DEVICE"
 MAX_IMAGES_ENV = "FRACTALGEN_SERVE_MAX_IMAGES"
@@ -48,7 +55,7 @@ MAX_SEED = 2**62  # seeds seed..seed+batches-1 must stay valid torch seeds
 
 
 def encode_png(image_hwc: np.ndarray) -> str:
-    from PIL import Image
+    from PIL import Image  # deferred: heavy import
 
     buf = io.BytesIO()
     Image.fromarray(image_hwc).save(buf, format="PNG")
@@ -56,7 +63,7 @@ def encode_png(image_hwc: np.ndarray) -> str:
 
 
 def decode_png(text: str) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image  # deferred: heavy import
 
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB"))
 
@@ -77,11 +84,19 @@ def default_params(config: Any) -> dict[str, Any]:
         "cfg": 1.0 if config.num_classes == 1 else float(config.sample_cfg),
         "temperature": float(config.sample_temperature),
         "cfg_schedule": str(config.sample_cfg_schedule),
+        "lower_cfg": UNSET_NUMBER,
+        "lower_cfg_schedule": UNSET_TEXT,
+        "temperature_end": UNSET_NUMBER,
         "num_iters": [int(i) for i in config.default_iters()],
         "filter_threshold": 1e-4,
         "seed": 0,
         "batch_size": 0,
     }
+
+
+# an MLflow param needs a typed default: 0 / "" stand for "unset" (released behaviour) in the
+# optional settings, whose real values are >= 1 (lower_cfg), > 0 (temperature_end) or a schedule
+UNSET_NUMBER, UNSET_TEXT = 0.0, ""
 
 
 class BadRequest(Exception):
@@ -101,7 +116,7 @@ def max_images() -> int:
 
 
 def _label_values(model_input: Any) -> list[Any]:
-    import pandas as pd
+    import pandas as pd  # deferred: heavy import
 
     if isinstance(model_input, pd.DataFrame):
         for col in ("label", "class_label", "labels"):
@@ -131,7 +146,7 @@ def _integer(name: str, value: Any) -> int:
 
 def _real(name: str, value: Any) -> float:
     """``value`` as a finite float by the one float coercion (``config.to_float``); else BadRequest."""
-    from fractalgen.config import ConfigError, to_float
+    from fractalgen.config import ConfigError, to_float  # deferred: heavy import
 
     try:
         return to_float(value.item() if isinstance(value, np.generic) else value, name)
@@ -145,7 +160,6 @@ def check_request(model_input: Any, params: dict[str, Any] | None, config: Any) 
     Returns ``{"labels", "settings" (SamplingSettings), "seed", "batch_size"}``; raises
     ``BadRequest`` naming the first bad value (module docstring lists the rules).
     """
-    from fractalgen.sampling_settings import SamplingSettings
 
     p = {**default_params(config), **(params or {})}
     limit = max_images()
@@ -168,20 +182,26 @@ def check_request(model_input: Any, params: dict[str, Any] | None, config: Any) 
         labels.append(label)
 
     cfg = _real("cfg", p["cfg"])
-    if cfg < 1.0:
-        raise BadRequest(f"cfg (guidance scale) must be >= 1.0 (1.0: no guidance), got {p['cfg']!r}")
     if config.num_classes == 1 and cfg != 1.0:
         raise BadRequest(f"this model is unconditional (1 class): cfg must be 1.0, got {p['cfg']!r}")
-    temperature = _real("temperature", p["temperature"])
-    if temperature <= 0:
-        raise BadRequest(f"temperature must be > 0 (it multiplies the logits), got {p['temperature']!r}")
-    threshold = _real("filter_threshold", p["filter_threshold"])
-    if not 0.0 <= threshold < 1.0:
-        raise BadRequest(f"filter_threshold must lie in [0, 1), got {p['filter_threshold']!r}")
-    schedule = p["cfg_schedule"]
-    if schedule not in ("linear", "constant"):
-        raise BadRequest(f"cfg_schedule must be 'linear' or 'constant', got {schedule!r}")
-
+    lower_cfg = _real("lower_cfg", p["lower_cfg"])
+    if config.num_classes == 1 and lower_cfg not in (UNSET_NUMBER, 1.0):
+        raise BadRequest(
+            f"this model is unconditional (1 class): lower_cfg must be unset, got {p['lower_cfg']!r}"
+        )
+    temperature_end = _real("temperature_end", p["temperature_end"])
+    optional = {
+        "lower_cfg": None if lower_cfg == UNSET_NUMBER else lower_cfg,
+        "lower_cfg_schedule": str(p["lower_cfg_schedule"]).strip() or None,
+        "temperature_end": None if temperature_end == UNSET_NUMBER else temperature_end,
+    }
+    values = {
+        "cfg": cfg,
+        "temperature": _real("temperature", p["temperature"]),
+        "filter_threshold": _real("filter_threshold", p["filter_threshold"]),
+        "cfg_schedule": str(p["cfg_schedule"]),
+        **optional,
+    }
     iters = p["num_iters"]
     if isinstance(iters, str):
         iters = [part for part in iters.replace(" ", "").split(",") if part]
@@ -205,20 +225,17 @@ def check_request(model_input: Any, params: dict[str, Any] | None, config: Any) 
     batch = _integer("batch_size", p["batch_size"])
     if not 0 <= batch <= limit:
         raise BadRequest(f"batch_size must lie in 0..{limit} (0: all rows in one batch), got {batch}")
-    settings = SamplingSettings(
-        num_iters=tuple(num_iters),
-        cfg=cfg,
-        cfg_schedule=schedule,
-        temperature=temperature,
-        filter_threshold=threshold,
-    )
+    try:  # the ranges and schedule specs are SamplingSettings' own checks
+        settings = SamplingSettings(num_iters=tuple(num_iters), **values)
+    except ValueError as err:
+        raise BadRequest(str(err)) from None
     return {"labels": labels, "settings": settings, "seed": seed, "batch_size": batch or len(labels)}
 
 
 def _bad_request(err: Exception) -> Exception:
     """The exception MLflow's scoring server answers with HTTP 400 and ``err``'s message."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+    from mlflow.exceptions import MlflowException  # deferred: heavy import
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE  # deferred: heavy import
 
     return MlflowException(f"bad request: {err}", error_code=INVALID_PARAMETER_VALUE)
 
@@ -227,9 +244,9 @@ class FractalGenPyfunc(mlflow.pyfunc.PythonModel):
     """Generates images for class labels with the given sampling settings (module docstring)."""
 
     def load_context(self, context: Any) -> None:
-        import torch
+        import torch  # deferred: heavy import
 
-        from fractalgen.models import load_released
+        from fractalgen.models import load_released  # deferred: heavy import
 
         device = os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_released(context.artifacts[CHECKPOINT_ARTIFACT]).to(device).eval()
@@ -237,10 +254,13 @@ class FractalGenPyfunc(mlflow.pyfunc.PythonModel):
     # no type hints here: MLflow derives (and then warns about) an input schema from predict's hints;
     # the signature logged with the model describes the input instead
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-        import pandas as pd
-        import torch
+        import pandas as pd  # deferred: heavy import
+        import torch  # deferred: heavy import
 
-        from fractalgen.platform.generation.sampling import generate_images, to_uint8
+        from fractalgen.platform.generation.sampling import (
+            generate_images,
+            to_uint8,
+        )  # deferred: heavy import
 
         try:
             request = check_request(model_input, params, self.model.config)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     pass
 
+from fractalgen import storage
 from fractalgen.platform.artifacts.checkpoints import CheckpointNotFound, export_consolidated
 from fractalgen.platform.artifacts.model_store import _checkpoint_in_model_dir, client, resolve_version
 from fractalgen.sampling_settings import SamplingSettings
@@ -58,8 +59,6 @@ def resolve_model_source(
         return download_version(source, work, tracking_uri=tracking_uri)
     scheme = urllib.parse.urlparse(source).scheme
     if scheme == "s3":
-        from fractalgen import storage
-
         if storage.exists(source, endpoint=endpoint) and not storage.is_dir(source, endpoint=endpoint):
             local = work / storage.basename(source)
             storage.download_file(source, str(local), endpoint=endpoint)
@@ -88,7 +87,7 @@ def download_version(
     uri: str, work: str | os.PathLike[str], *, tracking_uri: str | None = None
 ) -> ModelSource:
     """Download a registered version's weights; returns a ``generate.ModelSource``."""
-    import mlflow.artifacts
+    import mlflow.artifacts  # deferred: heavy import
 
     c = client(tracking_uri)
     mv = resolve_version(uri, c=c)

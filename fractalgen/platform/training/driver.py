@@ -17,24 +17,34 @@ A launch, in order; everything that can fail cheaply fails before Ray is asked f
 3. MLflow: the tracking store answers (see ``tracking``) and the run is opened;
 4. Ray: connect (``cluster.address`` / ``RAY_ADDRESS``) or start a local Ray; ``TorchTrainer.fit``
    with NCCL on GPUs and gloo on CPUs, ``FailureConfig(max_failures)`` from the config;
-5. the outcome rank 0 wrote: finished, or stopped on a non-finite loss (``TrainError``, the last
-   good checkpoint kept).
+5. the outcome the loop returned (``Result.return_value``, rank 0's): finished, or stopped on a
+   non-finite loss (``TrainError``, the last good checkpoint kept); the driver records it in the run
+   folder (``STATUS_FILE``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from fractalgen import storage
 from fractalgen.config import TrainRunConfig, to_dict
+from fractalgen.pipelines import DataError
+from fractalgen.pipelines.summary import read_summary
 from fractalgen.platform.ray_connect import connect_ray
-from fractalgen.platform.training.worker import STATE_FILE, STATUS_FILE, WorkerPlan, train_loop_per_worker
+from fractalgen.platform.training.worker import STATE_FILE, WorkerPlan, train_loop_per_worker
 
 log = logging.getLogger(__name__)
+
+# <run folder>/fractalgen_status.json: the outcome of the last launch whose loop ended, as the driver
+# received it (worker.py's module docstring lists the keys); deleted when a launch starts
+STATUS_FILE = "fractalgen_status.json"
 
 
 class PlanError(ValueError):
@@ -60,7 +70,6 @@ class TrainOutcome:
 
 
 def _abs_storage(path: str) -> str:
-    from fractalgen import storage
 
     return path if storage.is_remote(path) else os.path.abspath(storage.local_path(path))
 
@@ -87,10 +96,7 @@ def plan_run(cfg: TrainRunConfig, *, dry_run: bool = False) -> WorkerPlan:
     Does not start Ray or MLflow. Creates the local storage folder, unless ``dry_run``: then it only
     checks that the folder could be created, and writes nothing.
     """
-    from fractalgen import storage
-    from fractalgen.models import MODEL_CONFIGS, get_config
-    from fractalgen.pipelines import DataError
-    from fractalgen.pipelines.summary import read_summary
+    from fractalgen.models import MODEL_CONFIGS, get_config  # deferred: heavy import
 
     if cfg.model.name not in MODEL_CONFIGS:
         raise PlanError(
@@ -110,9 +116,7 @@ def plan_run(cfg: TrainRunConfig, *, dry_run: bool = False) -> WorkerPlan:
         raise PlanError(f"finetune.freeze_levels: {list(cfg.finetune.freeze_levels)}, but {levels}")
     if not cfg.data.train_uri:
         raise PlanError("data.train_uri: required (a prepared dataset: folder or s3:// prefix)")
-    data_endpoint = (
-        storage.endpoint_url(cfg.data.s3_endpoint_url) if storage.is_remote(cfg.data.train_uri) else None
-    )
+    data_endpoint = storage.endpoint_for(cfg.data.train_uri, cfg.data.s3_endpoint_url)
     try:
         storage.check_scheme(cfg.data.train_uri)
         summary = read_summary(cfg.data.train_uri, endpoint=data_endpoint)
@@ -193,7 +197,7 @@ def plan_run(cfg: TrainRunConfig, *, dry_run: bool = False) -> WorkerPlan:
     resolved.data.s3_endpoint_url = data_endpoint
     resolved.checkpoint.s3_endpoint_url = storage_endpoint
     if cfg.finetune.init:
-        from fractalgen.platform.training.finetune import absolute_source
+        from fractalgen.platform.training.finetune import absolute_source  # deferred: heavy import
 
         resolved.finetune.init = absolute_source(cfg.finetune.init)
     return WorkerPlan(
@@ -215,14 +219,12 @@ def _check_finetune(
     cfg: TrainRunConfig, model_cfg: Any, num_classes: int, class_names: tuple[str, ...]
 ) -> tuple[tuple[int, int], ...]:
     """``finetune.init`` resolves to weights that fit the model; returns the resolved class map."""
-    import dataclasses
 
-    import torch
+    import torch  # deferred: heavy import
 
-    from fractalgen import storage
-    from fractalgen.models import FractalGen
-    from fractalgen.platform.training import tracking
-    from fractalgen.platform.training.finetune import FinetuneError, check_source
+    from fractalgen.models import FractalGen  # deferred: heavy import
+    from fractalgen.platform.training import tracking  # deferred: heavy import
+    from fractalgen.platform.training.finetune import FinetuneError, check_source  # deferred: heavy import
 
     try:
         tracking_uri = tracking.resolve_tracking_uri(cfg)
@@ -249,7 +251,7 @@ def open_tracking(plan: WorkerPlan) -> WorkerPlan:
     Unreachable store: ``PlanError`` naming ``mlflow.tracking_uri``, or (``mlflow.required=false``) a
     warning and an untracked run.
     """
-    from fractalgen.platform.training import tracking
+    from fractalgen.platform.training import tracking  # deferred: heavy import
 
     cfg = plan.config
     if not cfg.mlflow.enabled:
@@ -290,19 +292,15 @@ def open_tracking(plan: WorkerPlan) -> WorkerPlan:
 
 def build_trainer(plan: WorkerPlan) -> Any:
     """The Ray ``TorchTrainer`` for the plan (NCCL on GPUs, gloo on CPUs; failure and storage config)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from fractalgen import storage
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # deferred: heavy import
+    from ray.train.torch import TorchConfig, TorchTrainer  # deferred: heavy import
 
     cfg = plan.config
     c = cfg.cluster
     use_gpu = c.gpus_per_worker > 0
-    storage_path = cfg.checkpoint.storage_path
-    filesystem = None
-    if storage.is_remote(storage_path):
-        # pass the endpoint explicitly: pyarrow has ignored AWS_ENDPOINT_URL_S3 in some versions
-        filesystem, storage_path = storage.pyarrow_filesystem(storage_path, endpoint=plan.storage_endpoint)
+    filesystem, storage_path = storage.ray_storage(
+        cfg.checkpoint.storage_path, endpoint=plan.storage_endpoint
+    )
     resources = {"CPU": float(c.cpus_per_worker)}
     if use_gpu:
         resources["GPU"] = float(c.gpus_per_worker)
@@ -332,7 +330,6 @@ def build_trainer(plan: WorkerPlan) -> Any:
 def root_cause(error: BaseException) -> str:
     """The last ``SomeError: message`` line of an error's text: for Ray's errors, which quote the
     workers' tracebacks, the worker's own exception (a storage error names the file it was writing)."""
-    import re
 
     for line in reversed(str(error).splitlines()):
         line = line.strip()
@@ -353,7 +350,7 @@ def _placement_shortfall(error: BaseException, plan: WorkerPlan) -> str | None:
         {"GPU": float(c.gpus_per_worker)} if c.gpus_per_worker else {}
     )
     try:
-        import ray
+        import ray  # deferred: heavy import
 
         total = ray.cluster_resources()
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
@@ -371,8 +368,7 @@ def _placement_shortfall(error: BaseException, plan: WorkerPlan) -> str | None:
 
 def run_training(cfg: TrainRunConfig, *, plan: WorkerPlan | None = None) -> TrainOutcome:
     """Check, plan and run ``cfg`` on Ray; returns the outcome or raises ``PlanError`` / ``TrainError``."""
-    from fractalgen import storage
-    from fractalgen.platform.training import tracking
+    from fractalgen.platform.training import tracking  # deferred: heavy import
 
     plan = plan or plan_run(cfg)
     plan = open_tracking(plan)
@@ -380,14 +376,22 @@ def run_training(cfg: TrainRunConfig, *, plan: WorkerPlan | None = None) -> Trai
     connect_ray(plan.config.cluster.address, dashboard=True)
     trainer = build_trainer(plan)
     error: Exception | None = None
+    status: dict[str, Any] = {"status": "failed"}
     try:
-        trainer.fit()
+        result = trainer.fit()
     except Exception as err:  # TrainingFailedError after max_failures, a lost controller ...
         error = err
-    try:
-        status = storage.read_json(storage.join(plan.run_uri, STATUS_FILE), endpoint=plan.storage_endpoint)
-    except FileNotFoundError:
-        status = {"status": "failed"}
+    else:
+        # The outcome travels in Ray's Result: the loop's return value on rank 0 (Ray Train keeps the
+        # one of the attempt that finished, so it covers restarts; ``resumed_from`` lists them). Not in
+        # ``result.metrics``: Ray Train builds those from the latest report that carried a checkpoint,
+        # and a loop stopped by a non-finite loss must not write one. When ``fit`` raises, no outcome
+        # comes back and none is needed: the run failed, and the error says how.
+        if isinstance(result.return_value, dict):
+            status = result.return_value
+            storage.write_json(
+                storage.join(plan.run_uri, STATUS_FILE), status, endpoint=plan.storage_endpoint
+            )
     outcome = TrainOutcome(
         run_uri=plan.run_uri,
         status=str(status.get("status")),

@@ -15,12 +15,13 @@ Terms:
   same choice (bf16 autocast, no GradScaler).
 
 ``import deepspeed`` happens inside the functions: Ray workers import it, the driver never does.
+What this module does to DeepSpeed beyond its public API (patches, a private function) lives in
+``deepspeed_compat``.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from fractalgen.config import TrainRunConfig
+from fractalgen.platform.training import deepspeed_compat
 
 
 def deepspeed_config(cfg: TrainRunConfig, *, use_gpu: bool) -> dict[str, Any]:
@@ -74,7 +76,7 @@ def param_groups(
     (``finetune.level_lr_scale``) each multiplier gets its own pair of groups; every group records
     its multiplier (``lr_scale``) and whether it decays (``decays``), which the schedule reads.
     """
-    from fractalgen.platform.training.finetune import level_lr_scale as scale_of
+    from fractalgen.platform.training.finetune import level_lr_scale as scale_of  # deferred: heavy import
 
     found: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
@@ -109,55 +111,10 @@ def build_optimizer(model: nn.Module, cfg: TrainRunConfig, *, use_gpu: bool) -> 
     for group in groups:
         group["lr"] = cfg.lr * group["lr_scale"]
     if t.offload_optimizer and use_gpu:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # deferred: heavy import
 
         return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=t.betas, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=t.betas, fused=use_gpu)
-
-
-def _skip_cpu_shm_op() -> None:
-    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce when its comm backend
-    starts (40-60 s of C++ on a fresh 2-core machine, measured). It serves only
-    ``inference_all_reduce``; training collectives go through torch.distributed (gloo), so skip it."""
-    import deepspeed.comm.torch  # noqa: F401
-
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
-
-
-def _zero3_sees_dataclass_outputs() -> None:
-    """Let ZeRO-3 find the tensors inside dataclass outputs (the levels' ``Conditions``).
-
-    ZeRO-3 gathers a module's partitioned weights again for backward through autograd hooks on the
-    tensors its forward returns, and finds them by walking tuples, lists and dicts only (DeepSpeed
-    ``apply_to_tensors_only``). A level hands the next one a ``Conditions`` dataclass, so without this
-    its weights would still be partitioned (empty) when backward reaches them ("size of tensor a
-    (0) must match ..."). Dataclasses are walked field by field and rebuilt with
-    ``dataclasses.replace``; every other type goes to DeepSpeed's own function unchanged.
-    """
-    import dataclasses
-
-    import deepspeed.runtime.zero.parameter_offload as offload
-
-    original = offload.apply_to_tensors_only
-    if getattr(original, "_fractalgen", False):
-        return
-
-    def apply_to_tensors_only(function: Any, value: Any, warning_msg_fn: Any = None) -> Any:
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            fields = [f.name for f in dataclasses.fields(value) if f.init]
-            return dataclasses.replace(
-                value,
-                **{
-                    name: apply_to_tensors_only(function, getattr(value, name), warning_msg_fn)
-                    for name in fields
-                },
-            )
-        if isinstance(value, tuple | list) and not hasattr(value, "_fields"):
-            return value.__class__(apply_to_tensors_only(function, v, warning_msg_fn) for v in value)
-        return original(function, value, warning_msg_fn)
-
-    apply_to_tensors_only._fractalgen = True  # type: ignore[attr-defined]
-    offload.apply_to_tensors_only = apply_to_tensors_only
 
 
 def setup_engine(model: nn.Module, cfg: TrainRunConfig, *, steps_per_epoch: int, use_gpu: bool) -> Any:
@@ -165,12 +122,12 @@ def setup_engine(model: nn.Module, cfg: TrainRunConfig, *, steps_per_epoch: int,
 
     The process group must already exist (Ray Train's torch backend creates it). Returns the engine.
     """
-    import deepspeed
+    import deepspeed  # deferred: heavy import
 
     if not use_gpu:
-        _skip_cpu_shm_op()
+        deepspeed_compat.skip_cpu_shm_op()
     if cfg.train.zero_stage == 3:
-        _zero3_sees_dataclass_outputs()
+        deepspeed_compat.walk_dataclass_outputs()
     optimizer = build_optimizer(model, cfg, use_gpu=use_gpu)
     peak = cfg.lr
     # LambdaLR multiplies the peak lr; DeepSpeed steps it after every optimizer step, so the lr of
@@ -215,10 +172,10 @@ def full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
 
     ZeRO-3 gathers the partitioned parameters; stages 0-2 hold full weights on every rank.
     """
-    import torch.distributed as dist
+    import torch.distributed as dist  # deferred: heavy import
 
     if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
+        state = deepspeed_compat.zero3_full_state_dict(engine)
         return state if dist.get_rank() == 0 else None
     if dist.get_rank() != 0:
         return None

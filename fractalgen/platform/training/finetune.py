@@ -24,7 +24,9 @@ own temporary folder (nodes share no disk) and loads it before DeepSpeed partiti
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,8 +53,6 @@ def source_uri(init: str) -> str:
 
 def absolute_source(init: str) -> str:
     """``init`` with a local path made absolute (Ray workers run in other folders than the driver)."""
-    import os
-    import urllib.parse
 
     path = source_uri(init)
     if path.startswith("models:/") or urllib.parse.urlparse(path).scheme:
@@ -65,7 +65,7 @@ def fetch_source(
     init: str, work_dir: str | Path, *, tracking_uri: str | None = None, endpoint: str | None = None
 ) -> Path:
     """The source as a local released-format file (downloaded or exported into ``work_dir``)."""
-    from fractalgen.platform.generation.sources import resolve_model_source
+    from fractalgen.platform.generation.sources import resolve_model_source  # deferred: heavy import
 
     try:
         found = resolve_model_source(
@@ -128,7 +128,12 @@ def check_source(
 ) -> tuple[tuple[int, int], ...]:
     """Driver-side check: the source resolves, is a checkpoint, shares tensors with ``model`` (built on
     the meta device is enough) and the class map resolves. Returns the resolved class map."""
-    from fractalgen.models.checkpoint import _CONFIG_KEY, CheckpointError, _args_dict, read_checkpoint
+    from fractalgen.models.checkpoint import (
+        _CONFIG_KEY,
+        CheckpointError,
+        _args_dict,
+        read_checkpoint,
+    )  # deferred: heavy import
 
     with tempfile.TemporaryDirectory(prefix="fractalgen-finetune-") as work:
         path = fetch_source(init, work, tracking_uri=tracking_uri, endpoint=endpoint)
@@ -163,7 +168,7 @@ def check_source(
 
 
 def _describe_source(ckpt: dict[str, Any]) -> str:
-    from fractalgen.models.checkpoint import CheckpointError, config_from_checkpoint
+    from fractalgen.models.checkpoint import CheckpointError, config_from_checkpoint  # deferred: heavy import
 
     try:
         name, config = config_from_checkpoint(ckpt)

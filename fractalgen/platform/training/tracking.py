@@ -37,6 +37,7 @@ from typing import Any
 
 from fractalgen import storage
 from fractalgen.config import TrainRunConfig, to_dict
+from fractalgen.platform.artifacts.model_store import ensure_experiment, flatten_params
 
 log = logging.getLogger(__name__)
 
@@ -102,32 +103,16 @@ def check_reachable(uri: str, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
-def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            _flatten(f"{prefix}{k}.", v, out)
-    else:
-        out[prefix.rstrip(".")] = str(value)[:6000]
-
-
 def open_run(cfg: TrainRunConfig, tracking_uri: str, *, extra_params: Mapping[str, Any] = ()) -> str:
     """Create (or find again, by run name) the MLflow run; log params and the resolved config.
 
     Returns the run id. Called on the driver, before any Ray resources are requested.
     """
-    from mlflow.entities import Param, RunTag
-    from mlflow.tracking import MlflowClient
+    from mlflow.entities import Param, RunTag  # deferred: heavy import
+    from mlflow.tracking import MlflowClient  # deferred: heavy import
 
     client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
-    if experiment is None:
-        location = None
-        if tracking_uri.startswith("sqlite:"):
-            folder = os.path.dirname(os.path.abspath(tracking_uri.split(":///", 1)[-1]))
-            location = "file://" + os.path.join(folder, "mlartifacts")
-        experiment_id = client.create_experiment(cfg.mlflow.experiment, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
+    experiment_id = ensure_experiment(client, cfg.mlflow.experiment, tracking_uri)
     found = client.search_runs(
         [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.name}'", max_results=1
     )
@@ -140,8 +125,7 @@ def open_run(cfg: TrainRunConfig, tracking_uri: str, *, extra_params: Mapping[st
     else:
         run = client.create_run(experiment_id, run_name=cfg.name, tags={RUN_NAME_TAG: cfg.name})
         run_id = run.info.run_id
-        params: dict[str, str] = {}
-        _flatten("", to_dict(cfg), params)
+        params = flatten_params("", to_dict(cfg), {})
         params.update({k: str(v) for k, v in dict(extra_params).items()})
         items = [Param(k, v) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
@@ -153,7 +137,7 @@ def open_run(cfg: TrainRunConfig, tracking_uri: str, *, extra_params: Mapping[st
 
 
 def _config_yaml(cfg: TrainRunConfig) -> str:
-    from fractalgen.config import dumps
+    from fractalgen.config import dumps  # deferred: heavy import
 
     return dumps(cfg)
 
@@ -161,7 +145,7 @@ def _config_yaml(cfg: TrainRunConfig) -> str:
 def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
     """Mark the MLflow run FINISHED / FAILED / KILLED (driver; a failure only warns)."""
     try:
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # deferred: heavy import
 
         MlflowClient(tracking_uri).set_terminated(run_id, status=status)
     except Exception as err:  # the run's outcome must not depend on the tracking server
@@ -188,11 +172,14 @@ class RunTracker:
         # record for minutes (7 retries with doubling back-off by default)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        from mlflow.entities import Metric, RunTag  # imported here: not on the training loop's clock
+        from mlflow.entities import (
+            Metric,
+            RunTag,
+        )  # deferred: heavy import # imported here: not on the training loop's clock
 
         self._metric, self._tag = Metric, RunTag
         if client is None:
-            from mlflow.tracking import MlflowClient
+            from mlflow.tracking import MlflowClient  # deferred: heavy import
 
             client = MlflowClient(tracking_uri)
         self.client = client

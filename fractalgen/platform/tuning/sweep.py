@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import math
 import os
@@ -59,7 +58,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fractalgen import storage
 from fractalgen.config import ConfigError, dumps, load, to_dict
+from fractalgen.platform import registry
+from fractalgen.platform.artifacts.model_store import flatten_params as _flatten
 from fractalgen.platform.ray_connect import connect_ray
 from fractalgen.sampling_settings import SCHEDULES, SamplingSettings, parse_iters, parse_schedule
 
@@ -310,7 +312,7 @@ def param_space(cfg: SweepConfig) -> dict[str, Any]:
     sampled only when the family is chosen, and ``schedule_ranges`` apply). ``num_iters`` travels as
     a string (``"64,16"`` or ``"default"``): Optuna's categorical distributions take scalars only.
     """
-    from ray import tune
+    from ray import tune  # deferred: heavy import
 
     s = cfg.space
     iters = [_iters_key(i) for i in s.num_iters] or ["default"]
@@ -412,7 +414,7 @@ def _released_first(searcher: Any, point: dict[str, Any]) -> Any:
     a fixed value outside a categorical's choices (the released cfg when ``space.cfg`` does not list
     it) makes ``suggest_categorical`` raise ``ValueError: '6.5' not in (...)`` in Optuna 5.
     """
-    from ray.tune.search import Searcher
+    from ray.tune.search import Searcher  # deferred: heavy import
 
     class ReleasedFirst(Searcher):
         def __init__(self) -> None:
@@ -453,7 +455,7 @@ def _released_first(searcher: Any, point: dict[str, Any]) -> Any:
 
 def _scheduler(cfg: SweepConfig) -> Any:
     """ASHA over the image count (FIFO with a single rung); the released trial is never stopped early."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler  # deferred: heavy import
 
     rungs = cfg.eval.rungs()
     if len(rungs) == 1:
@@ -477,7 +479,7 @@ _WORKERS: dict[str, Any] = {}  # per trial process: model + Inception loaded onc
 
 
 def _digest(data: Any) -> str:
-    import numpy as np
+    import numpy as np  # deferred: heavy import
 
     arr = np.asarray(data)
     return hashlib.sha1(arr[: 1 << 20].tobytes() + str(arr.size).encode()).hexdigest()
@@ -510,13 +512,17 @@ def run_trial(config: dict[str, Any], *, payload: dict[str, Any]) -> None:
     So: one ``create_run`` with the parent's id, one ``log_batch`` per rung (step = images), and
     the driver closes early-stopped runs as KILLED (``run_sweep``).
     """
-    import numpy as np
-    from mlflow.entities import Metric, Param, RunTag
-    from mlflow.tracking import MlflowClient
-    from ray import tune
+    import numpy as np  # deferred: heavy import
+    from mlflow.entities import Metric, Param, RunTag  # deferred: heavy import
+    from mlflow.tracking import MlflowClient  # deferred: heavy import
+    from ray import tune  # deferred: heavy import
 
-    from fractalgen.platform.evaluation.metrics import compute_metrics
-    from fractalgen.platform.generation.sampling import GenerationJob, GenerationWorker, balanced_labels
+    from fractalgen.platform.evaluation.metrics import compute_metrics  # deferred: heavy import
+    from fractalgen.platform.generation.sampling import (  # deferred: heavy import
+        GenerationJob,
+        GenerationWorker,
+        balanced_labels,
+    )
 
     ev: SweepEvalConfig = payload["eval"]
     settings = trial_settings(config)
@@ -594,7 +600,7 @@ class SweepResult:
 
 
 def _tracking_uri(cfg: SweepConfig) -> str:
-    import mlflow
+    import mlflow  # deferred: heavy import
 
     uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -603,8 +609,11 @@ def _tracking_uri(cfg: SweepConfig) -> str:
 
 
 def _reference(cfg: SweepConfig, inception_path: Path, device: Any):
-    from fractalgen.platform.evaluation.inception import extract_features, load_inception
-    from fractalgen.platform.evaluation.metrics import load_statistics
+    from fractalgen.platform.evaluation.inception import (  # deferred: heavy import
+        extract_features,
+        load_inception,
+    )
+    from fractalgen.platform.evaluation.metrics import load_statistics  # deferred: heavy import
 
     inception = None
 
@@ -618,7 +627,7 @@ def _reference(cfg: SweepConfig, inception_path: Path, device: Any):
             cfg.eval.reference, extractor=lambda imgs: extract_features(net(), imgs)[0],
             max_images=10_000 if cfg.eval.precision_recall else 0,
         )  # fmt: skip
-    from fractalgen.platform.evaluation.data import reference_statistics
+    from fractalgen.platform.evaluation.data import reference_statistics  # deferred: heavy import
 
     return reference_statistics(
         cfg.eval.reference, net(), max_images=cfg.eval.reference_images, batch_size=cfg.eval.batch_size,
@@ -677,8 +686,8 @@ TABLE_COLUMNS = [
 
 def write_table(rows: list[dict[str, Any]], path: Path, columns: Sequence[str] = ()) -> Path:
     """The results table as Parquet (one row per trial; ``columns`` default: ``TABLE_COLUMNS``)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # deferred: heavy import
+    import pyarrow.parquet as pq  # deferred: heavy import
 
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = list(columns or TABLE_COLUMNS)
@@ -768,10 +777,10 @@ FAMILY_STYLE = {
 def plot_pareto(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> Path | None:
     """FID against IS (and precision, recall when computed) of the completed trials: one marker and
     colour per schedule family, the Pareto front as a dashed line, the released setting starred."""
-    import matplotlib
+    import matplotlib  # deferred: heavy import
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: heavy import
 
     done = [r for r in rows if r["status"] == "completed" and math.isfinite(r["fid"])]
     pairs = [(m, label) for m, label in PARETO_PAIRS if any(math.isfinite(r.get(m, math.nan)) for r in done)]
@@ -812,10 +821,10 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> P
 def plot_fid_vs_cfg(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> Path | None:
     """FID against guidance scale, one line per temperature (and per schedule / iterations when
     several were searched); completed trials as lines, early-stopped ones as faint crosses."""
-    import matplotlib
+    import matplotlib  # deferred: heavy import
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: heavy import
 
     done = [r for r in rows if r["status"] == "completed"]
     if not rows:
@@ -850,14 +859,16 @@ def plot_fid_vs_cfg(rows: list[dict[str, Any]], path: Path, *, title: str = "") 
 
 def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> SweepResult:
     """Run the sweep (module docstring) and return the results; see ``SweepResult``."""
-    import numpy as np
-    from mlflow.tracking import MlflowClient
-    from ray import tune
+    import numpy as np  # deferred: heavy import
+    from mlflow.tracking import MlflowClient  # deferred: heavy import
+    from ray import tune  # deferred: heavy import
 
-    from fractalgen.platform import registry
-    from fractalgen.platform.evaluation.inception import resolve_weights
-    from fractalgen.platform.generation.sampling import pick_device
-    from fractalgen.platform.generation.sources import download_version, resolve_model_source
+    from fractalgen.platform.evaluation.inception import resolve_weights  # deferred: heavy import
+    from fractalgen.platform.generation.sampling import pick_device  # deferred: heavy import
+    from fractalgen.platform.generation.sources import (  # deferred: heavy import
+        download_version,
+        resolve_model_source,
+    )
 
     tracking_uri = _tracking_uri(cfg)
     client = MlflowClient(tracking_uri)
@@ -882,13 +893,13 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> SweepResult:
         parent_id = parent.info.run_id
         flat: dict[str, str] = {}
         _flatten("", to_dict(cfg), flat)
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # deferred: heavy import
 
         client.log_batch(parent_id, params=[Param(k, v[:6000]) for k, v in sorted(flat.items())])
         client.log_text(parent_id, dumps(cfg), "sweep/config.yaml")
 
         connect_ray(cfg.resources.address)
-        import ray
+        import ray  # deferred: heavy import
 
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         gpus = cfg.resources.gpus_per_trial if cluster_gpus >= cfg.resources.gpus_per_trial > 0 else 0
@@ -915,13 +926,13 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> SweepResult:
         search_alg: Any = None
         space: dict[str, Any] = {}
         if cfg.search.algorithm == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
+            from ray.tune.search.optuna import OptunaSearch  # deferred: heavy import
 
             search_alg = OptunaSearch(space=optuna_space(cfg), metric="fid", mode="min", seed=cfg.search.seed)
             if released:
                 search_alg = _released_first(search_alg, released[0])
         else:
-            from ray.tune.search import BasicVariantGenerator
+            from ray.tune.search import BasicVariantGenerator  # deferred: heavy import
 
             space = param_space(cfg)
             if num_samples > 1:
@@ -931,7 +942,6 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> SweepResult:
         num_samples += len(released)
         if released:
             log.info("evaluating the released setting too: %s", trial_settings(released[0]).describe())
-        from fractalgen import storage
 
         # S3-compatible storage: pass the endpoint explicitly (pyarrow may ignore AWS_ENDPOINT_URL_S3)
         storage_fs, storage_path = (
@@ -996,7 +1006,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> SweepResult:
                    "early_stopped": sum(r["status"] == "early-stopped" for r in rows),
                    "errors": sum(r["status"] == "error" for r in rows), "seconds": time.monotonic() - t0,
                    "pareto_fid_is": sum(r["front"] == "fid-inception_score" for r in pareto)}  # fmt: skip
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric, RunTag  # deferred: heavy import
 
         stamp = int(time.time() * 1000)
         metrics = [Metric(f"sweep_{k}", float(v), stamp, 0) for k, v in summary.items()]
@@ -1031,17 +1041,9 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> SweepResult:
 
 
 def _model_config(path: Path):
-    from fractalgen.models.checkpoint import config_from_checkpoint, read_checkpoint
+    from fractalgen.models.checkpoint import config_from_checkpoint, read_checkpoint  # deferred: heavy import
 
     return config_from_checkpoint(read_checkpoint(path))[1]
-
-
-def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}{k}.", v, out)
-    else:
-        out[prefix.rstrip(".")] = json.dumps(value) if isinstance(value, list) else str(value)
 
 
 def _extras(r: dict[str, Any]) -> str:
