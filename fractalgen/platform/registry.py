@@ -332,9 +332,11 @@ class VersionSummary:
 
     @property
     def best_settings(self) -> str:
-
-        s = SamplingSettings.from_tags(self.tags)
-        return s.describe() if s.to_tags() else "-"
+        """The sweep's best setting, ``-`` when no sweep tagged the version (``to_tags`` always holds
+        ``filter_threshold``, so an unswept version is told by its tags, not by the settings)."""
+        if not any(k.startswith(SAMPLING_PREFIX) for k in self.tags):
+            return "-"
+        return SamplingSettings.from_tags(self.tags).describe()
 
 
 def collect_versions(

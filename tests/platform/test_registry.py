@@ -189,3 +189,17 @@ def test_register_into_its_own_store_whatever_the_global_uri(
     assert version.version == "1"
     found = reg.client(store).get_model_version("own-store", "1")
     assert found.tags["fractalgen.model"] == "fractalmar_tiny16"
+
+
+def test_review_shows_a_sweeps_whole_setting_and_nothing_for_an_unswept_version() -> None:
+    from fractalgen.platform.registry import VersionSummary
+    from fractalgen.sampling_settings import SamplingSettings
+
+    unswept = VersionSummary(version="1", aliases=[], created="", run_id=None, tags={"metrics.fid": "3.0"})
+    assert unswept.best_settings == "-"
+    best = SamplingSettings(
+        cfg=3.0, cfg_schedule="interval:start=0.1,end=0.6", lower_cfg=1.5, temperature_end=1.2
+    )
+    swept = VersionSummary(version="2", aliases=[], created="", run_id=None, tags=best.to_tags())
+    assert "cfg_schedule=interval:start=0.1,end=0.6" in swept.best_settings
+    assert "lower_cfg=1.5" in swept.best_settings and "temperature_end=1.2" in swept.best_settings
