@@ -491,12 +491,12 @@ def run_trial(config: dict[str, Any], *, payload: dict[str, Any]) -> None:
     ``payload`` (shared by all trials, through the object store): model and Inception file bytes,
     reference statistics, the eval config, MLflow ids.
 
-    Why our own MlflowClient code and not Ray's MLflow integration (issue 13; checked in the
-    installed ray 2.60, ray/air/integrations/mlflow.py and ray/air/_internal/mlflow.py):
+    Why our own MlflowClient code and not Ray's MLflow integration (issue 13; checked against the
+    source of the pinned ray 2.60, ``ray.air.integrations.mlflow``):
     - ``MLflowLoggerCallback.log_trial_end`` ends every run that did not fail as ``FINISHED``: a
       trial ASHA stopped looks like a completed one, and the callback has no hook to end it as
       ``KILLED`` with ``fractalgen.early_stopped=true``; the driver would have to rewrite every run
-      after ``fit`` anyway (it does so below for ours).
+      after ``fit`` anyway (``run_sweep`` does so for ours).
     - The callback takes one ``tags`` dict for all runs (nesting via ``mlflow.parentRunId`` would
       work), but logs ``trial.config`` as params, i.e. the raw Tune config (Optuna's ``schedule``,
       ``power-cosine.exponent``, ``num_iters="default"``), not the resolved setting that the registry
