@@ -72,7 +72,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             "docs/performance.md, labelled), and "
             "memory per GPU for each ZeRO stage. Refuses shapes that cannot run: a global batch that does not "
             "split over micro-batch x GPUs, the recipe's ZeRO stage over the GPU memory, offload over host "
-            "memory. The memory model is documented in fractalgen/platform/cluster.py."
+            "memory. The memory model is documented in fractalgen/platform/cluster/memory.py."
         ),
     )
     plan.add_argument("--config", required=True, help="YAML recipe, e.g. configs/fractalmar_large_in256.yaml")
