@@ -206,6 +206,8 @@ class SamplingSettings:
     def __post_init__(self) -> None:
         if self.num_iters is not None:
             object.__setattr__(self, "num_iters", parse_iters(self.num_iters))
+            if not self.num_iters:
+                raise ValueError("num_iters needs one entry per level, got none")
             if any(i < 1 for i in self.num_iters):
                 raise ValueError(f"num_iters must be >= 1, got {self.num_iters}")
         for key in ("cfg_schedule", "lower_cfg_schedule"):

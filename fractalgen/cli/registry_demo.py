@@ -2,7 +2,7 @@
 the best version to ``champion`` and print the review. ``fractalgen demo`` calls
 ``demo_registry_steps`` after training and exporting the weights.
 
-Terms (see ``registry.py`` and ``sweep.py``): the demo registers the exported weights (and any
+Terms (see ``fractalgen.platform.registry`` and ``fractalgen.platform.tuning.sweep``): the demo registers the exported weights (and any
 ``extra_weights``, e.g. an earlier checkpoint) as versions of ``fractalgen-demo`` with bits/dim on
 the demo data; the sweep (``configs/sweep_demo.yaml``) runs on the newest version and writes its best
 setting to it; every other version registered here is scored at that setting with the same image

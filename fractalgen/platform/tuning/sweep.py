@@ -61,7 +61,7 @@ from typing import Any, Literal
 from fractalgen import storage
 from fractalgen.config import ConfigError, dumps, load, to_dict
 from fractalgen.platform import registry
-from fractalgen.platform.artifacts.model_store import flatten_params as _flatten
+from fractalgen.platform.artifacts.model_store import ensure_experiment, flatten_params
 from fractalgen.platform.ray_connect import connect_ray
 from fractalgen.sampling_settings import SCHEDULES, SamplingSettings, parse_iters, parse_schedule
 
@@ -884,18 +884,17 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> SweepResult:
         model_bytes = np.fromfile(source.path, dtype=np.uint8)
         inception_bytes = np.fromfile(inception_path, dtype=np.uint8)
 
-        experiment_id = registry.ensure_experiment(client, cfg.mlflow.experiment, tracking_uri)
+        experiment_id = ensure_experiment(client, cfg.mlflow.experiment, tracking_uri)
         parent_tags = {"fractalgen.sweep": cfg.name, "fractalgen.model_source": cfg.model}
         if source.registered_name:
             parent_tags.update({"fractalgen.registered_model": source.registered_name,
                                 "fractalgen.model_version": str(source.version)})  # fmt: skip
         parent = client.create_run(experiment_id, run_name=f"sweep-{cfg.name}", tags=parent_tags)
         parent_id = parent.info.run_id
-        flat: dict[str, str] = {}
-        _flatten("", to_dict(cfg), flat)
+        flat = flatten_params("", to_dict(cfg), {})
         from mlflow.entities import Param  # deferred: heavy import
 
-        client.log_batch(parent_id, params=[Param(k, v[:6000]) for k, v in sorted(flat.items())])
+        client.log_batch(parent_id, params=[Param(k, v) for k, v in sorted(flat.items())])
         client.log_text(parent_id, dumps(cfg), "sweep/config.yaml")
 
         connect_ray(cfg.resources.address)
@@ -943,12 +942,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> SweepResult:
         if released:
             log.info("evaluating the released setting too: %s", trial_settings(released[0]).describe())
 
-        # S3-compatible storage: pass the endpoint explicitly (pyarrow may ignore AWS_ENDPOINT_URL_S3)
-        storage_fs, storage_path = (
-            storage.pyarrow_filesystem(cfg.storage_path)
-            if storage.is_remote(cfg.storage_path)
-            else (None, str(Path(cfg.storage_path).absolute()))
-        )
+        storage_fs, storage_path = storage.ray_storage(cfg.storage_path)  # docs/storage.md
         tuner = tune.Tuner(
             trainable,
             param_space=space,
