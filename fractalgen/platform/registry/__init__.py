@@ -8,6 +8,9 @@ from fractalgen.platform.registry.review import VersionSummary, collect_versions
 from fractalgen.platform.registry.versions import (
     CANDIDATE,
     CHAMPION,
+    TAG_ARCH,
+    TAG_SOURCE,
+    TAG_SOURCE_KIND,
     TAG_TRAINING_RUN,
     RegisteredVersion,
     architecture_name,
@@ -17,7 +20,7 @@ from fractalgen.platform.registry.versions import (
 )
 
 __all__ = [
-    "CANDIDATE", "CHAMPION", "TAG_TRAINING_RUN", "RegisteredVersion", "RegistryError", "VersionSummary",
+    "CANDIDATE", "CHAMPION", "TAG_ARCH", "TAG_SOURCE", "TAG_SOURCE_KIND", "TAG_TRAINING_RUN", "RegisteredVersion", "RegistryError", "VersionSummary",
     "architecture_name", "client", "collect_versions", "get_version", "promote", "record_metrics",
     "register_checkpoint", "review", "set_best_settings",
 ]  # fmt: skip
