@@ -209,7 +209,7 @@ def serving_bad_inputs(settings: Settings) -> Outcome:
 
 
 # --------------------------------------------------------------------------------- serving-load
-@scenario("serving-load", budget_s=600)
+@scenario("serving-load", budget_s=600, in_short=False)  # CI: test_serving_inputs.py, test_registry.py serve
 def serving_load(settings: Settings) -> Outcome:
     """``LOAD_REQUESTS`` requests, ``LOAD_CONCURRENCY`` in flight: none fails; latency percentiles."""
     n = LOAD_SHORT_REQUESTS if settings.short else LOAD_REQUESTS

@@ -438,7 +438,7 @@ def _local_dataset(work: Path, seed: int) -> str:
 
 
 # --------------------------------------------------------------------------------- s3-checkpoint
-@scenario("s3-checkpoint", budget_s=600)
+@scenario("s3-checkpoint", budget_s=600, in_short=False)  # CI: test_train.py checkpoints to S3 (ZeRO-3)
 @_own_ray_dir()
 def s3_checkpoint(settings: Settings) -> Outcome:
     """Training with ``checkpoint.storage_path=s3://``: a transient fault in each checkpoint's

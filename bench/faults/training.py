@@ -583,7 +583,7 @@ def _cluster(head_cpus: int, worker_nodes: int = 0) -> Iterator[Any]:
         cluster.shutdown()
 
 
-@scenario("train-node-loss", budget_s=900)
+@scenario("train-node-loss", budget_s=900, in_short=False)  # CI: test_train.py kills a worker
 def train_node_loss(settings: Settings) -> Outcome:
     """Training on 1-CPU Ray nodes, one worker per node and one spare node. The node of a random
     worker is removed at a random step (1 time short, 3 times full; a spare joins after each restart
