@@ -89,11 +89,9 @@ def demo_registry_steps(
         save_statistics,
     )  # deferred: heavy import
     from fractalgen.platform.generation.sources import resolve_model_source  # deferred: heavy import
-    from fractalgen.platform.tuning.sweep import (
-        describe_result,
-        load_sweep_config,
-        run_sweep,
-    )  # deferred: heavy import
+    from fractalgen.platform.tuning.config import load_sweep_config  # deferred: heavy import
+    from fractalgen.platform.tuning.results import describe_result  # deferred: heavy import
+    from fractalgen.platform.tuning.sweep import run_sweep  # deferred: heavy import
 
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)

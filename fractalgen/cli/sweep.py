@@ -6,11 +6,9 @@ import argparse
 
 from fractalgen.cli import CLIError
 from fractalgen.config import ConfigError, dumps
-from fractalgen.platform.tuning.sweep import (
-    describe_result,
-    load_sweep_config,
-    run_sweep,
-)
+from fractalgen.platform.tuning.config import load_sweep_config
+from fractalgen.platform.tuning.results import describe_result
+from fractalgen.platform.tuning.sweep import run_sweep
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from test_train_support import REPO, tiny_dataset, tiny_overrides
 
 from fractalgen.cli import build_parser, main
 from fractalgen.config import ConfigError, TrainRunConfig, load, to_dict
-from fractalgen.platform.tuning.sweep import SweepConfig
+from fractalgen.platform.tuning.config import SweepConfig
 
 CONFIGS = REPO / "configs"
 DEMO = CONFIGS / "demo.yaml"

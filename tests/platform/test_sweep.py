@@ -14,20 +14,16 @@ import torch
 
 from fractalgen.config import ConfigError
 from fractalgen.models import build_model, save_released
-from fractalgen.platform.tuning.sweep import (
-    SweepEvalConfig,
-    load_sweep_config,
-    optuna_space,
-    param_space,
+from fractalgen.platform.tuning.config import SweepEvalConfig, load_sweep_config
+from fractalgen.platform.tuning.results import (
     pareto_front,
     pareto_rows,
     plot_fid_vs_cfg,
     plot_pareto,
-    released_config,
-    trial_settings,
     write_pareto_markdown,
     write_table,
 )
+from fractalgen.platform.tuning.space import optuna_space, param_space, released_config, trial_settings
 from fractalgen.sampling_settings import SamplingSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,7 +159,7 @@ def test_the_released_setting_comes_first_and_optuna_never_hears_of_it() -> None
     from ray.tune.search.optuna import OptunaSearch
 
     from fractalgen.models import MODEL_CONFIGS
-    from fractalgen.platform.tuning.sweep import _released_first
+    from fractalgen.platform.tuning.space import released_first
 
     # the released cfg (6.5) is not a choice: Optuna's own points_to_evaluate would fail on it
     cfg = load_sweep_config(
@@ -171,7 +167,7 @@ def test_the_released_setting_comes_first_and_optuna_never_hears_of_it() -> None
     )
     point = released_config(MODEL_CONFIGS["fractalmar_in64"])
     assert trial_settings(point) == SamplingSettings().resolved(MODEL_CONFIGS["fractalmar_in64"])
-    searcher = _released_first(OptunaSearch(space=optuna_space(cfg), metric="fid", mode="min", seed=0), point)
+    searcher = released_first(OptunaSearch(space=optuna_space(cfg), metric="fid", mode="min", seed=0), point)
     first, second = searcher.suggest("t0"), searcher.suggest("t1")
     assert first == point and second["released"] is False and "schedule" in second
     searcher.on_trial_result("t0", {"fid": 1.0, "training_iteration": 1})  # not forwarded: Optuna has no t0
@@ -337,7 +333,8 @@ def test_sweep_over_schedule_families_pareto_and_sample_uses_the_winner(
     from fractalgen.platform import registry as reg
     from fractalgen.platform.evaluation.inception import extract_features, load_inception
     from fractalgen.platform.evaluation.metrics import feature_statistics, save_statistics
-    from fractalgen.platform.tuning.sweep import describe_result, run_sweep
+    from fractalgen.platform.tuning.results import describe_result
+    from fractalgen.platform.tuning.sweep import run_sweep
 
     torch.manual_seed(1)
     model = build_model("fractalmar_tiny16")
