@@ -55,7 +55,7 @@ MICRO = 4  # samples per worker per step
 STEPS_PER_EPOCH = 10  # 80 samples / (2 x 4)
 EVERY = 2  # checkpoint interval of train-worker-sigkill
 SAMPLE_LOG_ENV = (
-    "FRACTALGEN_SAMPLE_LOG"  # fractalgen.platform.training.worker.SAMPLE_LOG_ENV (not imported: heavy)
+    "FRACTALGEN_SAMPLE_LOG"  # fractalgen.platform.training.train_step.SAMPLE_LOG_ENV (not imported: heavy)
 )
 # Ray Train V2 knobs for short runs (tests/platform/test_train_support.py): no preemption watcher,
 # a fast worker poll; the driver hands them on to the controller and the workers
@@ -1103,7 +1103,7 @@ def checkpoint_damage_left(run: Path, step: int) -> list[str]:
     import pyarrow.fs as pafs
     import ray.train
 
-    from fractalgen.platform.training.worker import checkpoint_damage
+    from fractalgen.platform.training.checkpointer import checkpoint_damage
 
     folder = run / f"checkpoint_{step:09d}"
     return checkpoint_damage(ray.train.Checkpoint(path=str(folder), filesystem=pafs.LocalFileSystem()), WORLD)

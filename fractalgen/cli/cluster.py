@@ -19,7 +19,6 @@ from fractalgen.platform.cluster import (
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-
     try:
         cfg = load(TrainRunConfig, args.config, list(args.set or []))
     except ConfigError as err:

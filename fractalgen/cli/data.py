@@ -67,7 +67,6 @@ def _class_names_arg(value: str | None, endpoint: str | None) -> list[str] | Non
 
 
 def _prepare(args: argparse.Namespace) -> int:
-
     if args.size < 1:
         raise CLIError(f"--size must be positive, got {args.size}")
     try:
@@ -142,7 +141,6 @@ def _print_info(info: dict[str, Any]) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-
     sheet = None
     if not args.no_sheet:
         sheet = args.sheet or f"{storage.basename(args.uri) or 'dataset'}_samples.png"

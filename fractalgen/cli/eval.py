@@ -74,7 +74,6 @@ def _write_json(path: str | None, payload: dict[str, Any]) -> None:
 
 
 def _record(source: Any, metrics: dict[str, float], prefix: str, settings: Any = None) -> None:
-
     if source.registered_name is None:
         raise CLIError(
             "--record needs a registered model source (models:/NAME/VERSION or models:/NAME@ALIAS)"

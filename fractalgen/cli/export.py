@@ -13,7 +13,6 @@ from fractalgen.platform.artifacts.checkpoints import (
 
 
 def _export(args: argparse.Namespace) -> int:
-
     endpoint = storage.endpoint_for(args.checkpoint, args.s3_endpoint_url)
     try:
         path = export_consolidated(args.checkpoint, args.out, endpoint=endpoint)

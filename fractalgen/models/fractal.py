@@ -230,7 +230,12 @@ class FractalGen(nn.Module):
             filter_threshold=filter_threshold,
         ).resolved(c)  # fmt: skip
         num_iters = s.num_iters
-        assert num_iters is not None and s.cfg is not None and s.cfg_schedule is not None
+        assert (
+            num_iters is not None
+            and s.cfg is not None
+            and s.cfg_schedule is not None
+            and s.temperature is not None
+        )
         if len(num_iters) != c.num_levels:
             raise ValueError(f"num_iters needs {c.num_levels} entries, got {num_iters}")
         if labels.dim() != 1:
@@ -261,7 +266,7 @@ class FractalGen(nn.Module):
             emb = torch.cat([emb, self.fake_latent.expand(n, -1).to(emb.dtype)])  # (2n, D)
         conds = Conditions(emb.unsqueeze(1).expand(-1, c.num_conds, -1))
         settings = SampleSettings(
-            guided=guided, temperature=float(s.temperature or 0), filter_threshold=s.filter_threshold,
+            guided=guided, temperature=s.temperature, filter_threshold=s.filter_threshold,
             generator=generator, temperature_end=s.temperature_end,
         )  # fmt: skip
 

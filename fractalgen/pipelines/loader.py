@@ -239,7 +239,6 @@ def _run_token(uri: str, world_size: int, local_world_size: int) -> str:
 
 
 def _cache_name(uri: str) -> str:
-
     digest = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:10]
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in storage.basename(uri))[:40]
     return f"{name}-{digest}"

@@ -218,7 +218,7 @@ def test_deepspeed_config_follows_the_recipe(stage: int) -> None:
 
 
 def test_step_seed_is_a_pure_function_of_its_coordinates() -> None:
-    from fractalgen.platform.training.worker import step_seed
+    from fractalgen.platform.training.train_step import step_seed
 
     seeds = {step_seed(0, r, s, m) for r in range(2) for s in range(50) for m in range(2)}
     assert len(seeds) == 200 and step_seed(0, 1, 7, 0) == step_seed(0, 1, 7, 0)
@@ -289,12 +289,8 @@ def test_bad_recipe_file_is_a_config_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("keep_best", [True, False])
 def test_pruning_keeps_the_latest_n_and_the_best(tmp_path: Path, keep_best: bool) -> None:
     """Checkpoints at steps 1..6 with the best loss at step 2: keep_last=2 keeps 5 and 6 (and 2)."""
-    from fractalgen.platform.training.worker import (
-        RunState,
-        WorkerPlan,
-        checkpoint_dir_name,
-        prune_checkpoints,
-    )
+    from fractalgen.platform.artifacts.run_plan import WorkerPlan
+    from fractalgen.platform.training.checkpointer import RunState, checkpoint_dir_name, prune_checkpoints
 
     cfg = load(
         TrainRunConfig,

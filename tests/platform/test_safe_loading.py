@@ -45,8 +45,8 @@ def _write_checkpoints(root: str) -> None:
     from test_train_support import tiny_config
 
     from fractalgen.config import to_dict
+    from fractalgen.platform.artifacts.run_plan import DS_TAG, STATE_FILE, WorkerPlan, build_run_model
     from fractalgen.platform.training.engine import full_state_dict, setup_engine
-    from fractalgen.platform.training.worker import DS_TAG, STATE_FILE, WorkerPlan, build_run_model
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -116,13 +116,14 @@ def ds_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 
 def _resume(folder: str, stage: int) -> None:
     """One rank: a fresh engine of ``stage`` restores ``folder`` the way a resumed run does
-    (``worker.load_checkpoint``, DeepSpeed's own loading); prints RESUMED or REFUSED <message>."""
+    (``checkpointer.load_checkpoint``, DeepSpeed's own loading); prints RESUMED or REFUSED <message>."""
     import torch.distributed as dist
     from ray.train import Checkpoint
     from test_train_support import tiny_config
 
+    from fractalgen.platform.artifacts.run_plan import WorkerPlan, build_run_model
+    from fractalgen.platform.training.checkpointer import load_checkpoint
     from fractalgen.platform.training.engine import setup_engine
-    from fractalgen.platform.training.worker import WorkerPlan, build_run_model, load_checkpoint
 
     class _NoLoader:
         def load_state_dict(self, state: Any) -> None:

@@ -136,7 +136,6 @@ def _short(text: str, width: int = 40) -> str:
 
 
 def _wrap(text: str, width: int) -> list[str]:
-
     return textwrap.wrap(text, width) or [""]
 
 

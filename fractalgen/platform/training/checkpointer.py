@@ -66,10 +66,6 @@ def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_{step:09d}"
 
 
-def _storage_fs(uri: str, endpoint: str | None):
-    return storage.pyarrow_filesystem(uri, endpoint=endpoint)
-
-
 @contextlib.contextmanager
 def deepspeed_loads_weights_only() -> Iterator[None]:
     """Make DeepSpeed's own ``torch.load(weights_only=False)`` calls safe for the duration.
@@ -311,7 +307,9 @@ class Checkpointer:
         ck = self.plan.config.checkpoint
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None and ck.init_from:
-            fs, path = _storage_fs(ck.init_from, ck.s3_endpoint_url or self.plan.storage_endpoint)
+            fs, path = storage.pyarrow_filesystem(
+                ck.init_from, endpoint=ck.s3_endpoint_url or self.plan.storage_endpoint
+            )
             checkpoint = ray.train.Checkpoint(path=path, filesystem=fs)
             return complete_checkpoint(checkpoint, self.world, rank=self.rank, fall_back=False)
         if checkpoint is not None:

@@ -37,8 +37,9 @@ from fractalgen import storage
 from fractalgen.config import TrainRunConfig, to_dict
 from fractalgen.pipelines import DataError
 from fractalgen.pipelines.summary import read_summary
+from fractalgen.platform.artifacts.run_plan import STATE_FILE, WorkerPlan
 from fractalgen.platform.ray_connect import connect_ray
-from fractalgen.platform.training.worker import STATE_FILE, WorkerPlan, train_loop_per_worker
+from fractalgen.platform.training.worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,6 @@ class TrainOutcome:
 
 
 def _abs_storage(path: str) -> str:
-
     return path if storage.is_remote(path) else os.path.abspath(storage.local_path(path))
 
 

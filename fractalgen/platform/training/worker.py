@@ -34,19 +34,14 @@ from typing import Any
 
 from fractalgen import storage
 from fractalgen.config import from_dict
-from fractalgen.platform.artifacts.run_plan import DS_TAG, STATE_FILE, WorkerPlan, build_run_model
+from fractalgen.platform.artifacts.run_plan import WorkerPlan, build_run_model
 from fractalgen.platform.training.checkpointer import (
     Checkpointer,
     RunState,
-    checkpoint_damage,
-    checkpoint_dir_name,
-    load_checkpoint,
-    prune_checkpoints,
-    report_and_checkpoint,
 )
 from fractalgen.platform.training.evaluator import Evaluator
 from fractalgen.platform.training.metrics_logger import MetricsLogger
-from fractalgen.platform.training.train_step import SAMPLE_LOG_ENV, TrainStep, step_seed
+from fractalgen.platform.training.train_step import TrainStep
 
 
 def _lean_streaming_import() -> None:
@@ -204,20 +199,3 @@ def _finish(w: _Worker, outcome: dict[str, Any]) -> dict[str, Any]:
     if dist.is_initialized():
         dist.barrier()
     return outcome
-
-
-__all__ = [
-    "DS_TAG",
-    "SAMPLE_LOG_ENV",
-    "STATE_FILE",
-    "RunState",
-    "WorkerPlan",
-    "build_run_model",
-    "checkpoint_damage",
-    "checkpoint_dir_name",
-    "load_checkpoint",
-    "prune_checkpoints",
-    "report_and_checkpoint",
-    "step_seed",
-    "train_loop_per_worker",
-]
